@@ -1,0 +1,88 @@
+"""Health, model description and metrics routes."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from service.api.schemas import ERROR_RESPONSES, BatchingInfo, HealthStatus, ModelInfo, ModelList, WeightsInfo
+from service.api.state import Phase, ServedModel, ServerState
+
+router = APIRouter()
+
+
+def _state(request: Request) -> ServerState:
+    state: ServerState = request.app.state.server
+    return state
+
+
+@router.get("/ping", tags=["health"], response_model=HealthStatus, responses={503: {"model": HealthStatus}})
+async def ping(request: Request) -> JSONResponse:
+    """`Healthy` only when every model is loaded and warm (TorchServe's contract)."""
+    healthy = _state(request).phase is Phase.READY
+    return JSONResponse({"status": "Healthy" if healthy else "Unhealthy"}, status_code=200 if healthy else 503)
+
+
+@router.get("/health/live", tags=["health"], response_model=HealthStatus)
+async def live() -> JSONResponse:
+    """The process is up and its event loop answers."""
+    return JSONResponse({"status": "alive"})
+
+
+@router.get("/health/ready", tags=["health"], response_model=HealthStatus, responses={503: {"model": HealthStatus}})
+async def ready(request: Request) -> JSONResponse:
+    """200 while serving; 503 while starting, draining or after a failed start."""
+    phase = _state(request).phase
+    return JSONResponse({"status": phase.value}, status_code=200 if phase is Phase.READY else 503)
+
+
+@router.get("/models", tags=["models"], response_model=ModelList)
+async def list_models(request: Request) -> ModelList:
+    state = _state(request)
+    return ModelList(models=[describe(state, served) for served in state.models.values()])
+
+
+@router.get("/models/{model}", tags=["models"], response_model=ModelInfo, responses={404: ERROR_RESPONSES[404]})
+async def get_model(model: str, request: Request) -> ModelInfo:
+    state = _state(request)
+    return describe(state, state.lookup(model))
+
+
+@router.get("/metrics", tags=["metrics"], response_class=Response)
+async def metrics(request: Request) -> Response:
+    """Prometheus text exposition."""
+    return Response(generate_latest(_state(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def describe(state: ServerState, served: ServedModel) -> ModelInfo:
+    loaded, batcher = served.loaded, served.batcher
+    crop = loaded.preprocessing.crop_size
+    weights = loaded.weights
+    return ModelInfo(
+        name=loaded.name,
+        aliases=list(loaded.spec.aliases),
+        architecture=loaded.spec.arch,
+        parameters=loaded.num_parameters,
+        input_size=[3, crop, crop],
+        resize_size=loaded.preprocessing.resize_size,
+        device=str(state.device),
+        dtype=state.settings.dtype,
+        num_classes=len(loaded.labels),
+        batching=BatchingInfo(
+            max_batch_size=batcher.max_batch_size,
+            max_delay_ms=batcher.max_delay_s * 1000,
+            max_queue_size=batcher.max_queue_size,
+            queue_depth=batcher.depth,
+            batches_run=batcher.batches_run,
+            images_run=batcher.items_run,
+            mean_batch_size=batcher.items_run / batcher.batches_run if batcher.batches_run else 0.0,
+        ),
+        weights=WeightsInfo(
+            file=weights.path.name,
+            sha256=loaded.sha256,
+            origin=weights.origin.value,
+            description=weights.describe(),
+            seed=weights.seed,
+        ),
+    )

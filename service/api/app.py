@@ -1,0 +1,84 @@
+"""The FastAPI application: `create_app(settings)` builds a fresh one, with nothing global."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+
+import torch
+from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
+
+from service import __version__
+from service.api import admin, handlers, predict
+from service.api.state import ServerState
+from service.config import Settings
+from service.errors import StartupError
+from service.metrics import CudaMemoryCollector, Metrics
+from service.models.registry import LoadedModel, load_all
+from service.models.runner import pick_device
+
+logger = logging.getLogger(__name__)
+
+ModelLoader = Callable[[Settings, torch.device], dict[str, LoadedModel]]
+
+
+def create_app(
+    settings: Settings,
+    *,
+    load_models: ModelLoader = load_all,
+    background_load: bool = False,
+    on_startup_failure: Callable[[str], None] | None = None,
+) -> FastAPI:
+    """Build the app. Models load in the lifespan: before it yields (tests), or behind it
+    (`background_load`, the CLI) so that /health/live answers and /ping says Unhealthy meanwhile."""
+    device = pick_device(settings.device)
+    resolved = settings.resolved(on_gpu=device.type == "cuda")
+    torch.set_num_threads(resolved.torch_threads or 1)
+    registry = CollectorRegistry()
+    metrics = Metrics(registry, max_batch_size=resolved.batch_size)
+    if device.type == "cuda":
+        registry.register(CudaMemoryCollector(range(torch.cuda.device_count())))
+    state = ServerState(resolved, metrics, device)
+
+    async def load() -> None:
+        try:
+            loaded = await asyncio.to_thread(load_models, resolved, device)
+        except StartupError as exc:
+            logger.error("startup failed: %s", exc)
+            state.mark_failed(str(exc))
+            if on_startup_failure is not None:
+                on_startup_failure(str(exc))
+            raise
+        for model in loaded.values():
+            state.add_model(model)
+        state.mark_ready()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loading: asyncio.Task[None] | None = None
+        if background_load:
+            loading = asyncio.create_task(load())
+        else:
+            await load()
+        try:
+            yield
+        finally:
+            if loading is not None and not loading.done():
+                loading.cancel()
+            await state.close()
+
+    app = FastAPI(
+        title="resnet-serve",
+        version=__version__,
+        description="Image classification with torchvision ResNets, batched. Errors are "
+        '`{"code": int, "type": str, "message": str}`.',
+        lifespan=lifespan,
+    )
+    app.state.server = state
+    handlers.install(app)
+    app.include_router(admin.router)
+    app.include_router(predict.router)
+    return app

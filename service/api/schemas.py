@@ -1,0 +1,108 @@
+"""Response shapes, for the OpenAPI document at /docs (the routes build their JSON directly)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, RootModel
+
+
+class ErrorBody(BaseModel):
+    code: int = Field(examples=[400])
+    type: str = Field(examples=["InvalidInput"])
+    message: str = Field(examples=["the image could not be decoded: image file is truncated"])
+
+
+class ClassProbability(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+    class_: str = Field(alias="class", examples=["n02123045 tabby, tabby cat"])
+    probability: float = Field(examples=[0.42])
+
+
+class MMSPrediction(BaseModel):
+    prediction: list[list[ClassProbability]] = Field(description="One list per uploaded image, in upload order")
+
+
+class TorchServePrediction(RootModel[list[ClassProbability] | list[list[ClassProbability]]]):
+    """A bare list for one image; a list of such lists for several."""
+
+
+class HealthStatus(BaseModel):
+    status: str
+
+
+class BatchingInfo(BaseModel):
+    max_batch_size: int
+    max_delay_ms: float
+    max_queue_size: int
+    queue_depth: int
+    batches_run: int
+    images_run: int
+    mean_batch_size: float
+
+
+class WeightsInfo(BaseModel):
+    file: str
+    sha256: str
+    origin: str = Field(description="official, random-init or user")
+    description: str
+    seed: int | None = None
+
+
+class ModelInfo(BaseModel):
+    name: str
+    aliases: list[str]
+    architecture: str
+    parameters: int
+    input_size: list[int]
+    resize_size: int
+    device: str
+    dtype: str
+    num_classes: int
+    batching: BatchingInfo
+    weights: WeightsInfo
+
+
+class ModelList(BaseModel):
+    models: list[ModelInfo]
+
+
+def _error(description: str) -> dict[str, Any]:
+    return {"model": ErrorBody, "description": description}
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: _error("Missing, empty, undecodable or oversized-in-pixels image; bad `topk`; malformed body"),
+    404: _error("No such model is loaded"),
+    413: _error("The upload is over `max_upload_bytes`"),
+    415: _error("The upload is not an image in a supported format"),
+    429: _error("The model's queue is full; retry after the `Retry-After` header's seconds"),
+    500: _error("The forward failed for this request's batch"),
+    503: _error("The server is starting or draining"),
+    504: _error("The request timed out (`request_timeout_s`)"),
+    507: _error("The GPU ran out of memory even for a single image"),
+}
+
+PREDICT_REQUEST_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["data"],
+                    "properties": {
+                        "data": {
+                            "type": "array",
+                            "items": {"type": "string", "format": "binary"},
+                            "description": "One or more images (JPEG, PNG, GIF, WebP, BMP, TIFF)",
+                        }
+                    },
+                }
+            },
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+            "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
+            "image/png": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}

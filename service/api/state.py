@@ -1,0 +1,118 @@
+"""What the HTTP edge holds while serving: the models with their batchers, pools, phase, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from enum import StrEnum
+
+import torch
+
+from service.batching import MicroBatcher
+from service.config import Settings
+from service.errors import ModelNotFound, ServiceUnavailable
+from service.metrics import Metrics
+from service.models.catalog import find_spec
+from service.models.registry import LoadedModel
+
+logger = logging.getLogger(__name__)
+
+
+class Phase(StrEnum):
+    STARTING = "starting"
+    READY = "ready"
+    DRAINING = "draining"
+    FAILED = "failed"
+
+
+@dataclass
+class ServedModel:
+    loaded: LoadedModel
+    batcher: MicroBatcher[torch.Tensor, torch.Tensor]
+
+    @property
+    def name(self) -> str:
+        return self.loaded.name
+
+
+class ServerState:
+    def __init__(self, settings: Settings, metrics: Metrics, device: torch.device) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.device = device
+        self.phase = Phase.STARTING
+        self.startup_error: str | None = None
+        self.models: dict[str, ServedModel] = {}
+        self.started_at = time.monotonic()
+        self.decode_pool = ThreadPoolExecutor(max_workers=settings.decode_workers or 1, thread_name_prefix="decode")
+        # One forward at a time per device: concurrent forwards only fight over the same cores.
+        self.forward_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
+
+    def add_model(self, loaded: LoadedModel) -> None:
+        runner = loaded.runner
+        loop = asyncio.get_running_loop()
+
+        async def forward(images: list[torch.Tensor]) -> list[torch.Tensor]:
+            return await loop.run_in_executor(self.forward_pool, runner.predict, images)
+
+        batcher: MicroBatcher[torch.Tensor, torch.Tensor] = MicroBatcher(
+            forward,
+            max_batch_size=self.settings.batch_size,
+            max_delay_s=self.settings.delay_s,
+            max_queue_size=self.settings.queue_size,
+            observer=self.metrics.observer(loaded.name),
+            name=f"batcher-{loaded.name}",
+        )
+        batcher.start()
+        self.models[loaded.name] = ServedModel(loaded, batcher)
+        self.metrics.init_model(loaded.name)
+        self.metrics.model_info.labels(
+            loaded.name, loaded.spec.arch, str(self.device), self.settings.dtype, loaded.weights.describe()
+        ).set(1)
+
+    def mark_ready(self) -> None:
+        self.phase = Phase.READY
+        self.metrics.ready.set(1)
+        logger.info("ready: serving %s on %s", ", ".join(self.models), self.device)
+
+    def mark_failed(self, message: str) -> None:
+        self.phase = Phase.FAILED
+        self.startup_error = message
+        self.metrics.ready.set(0)
+
+    def begin_drain(self) -> None:
+        """Readiness turns 503 and admission stops at once; admitted work still runs."""
+        if self.phase is Phase.DRAINING:
+            return
+        self.phase = Phase.DRAINING
+        self.metrics.ready.set(0)
+        for served in self.models.values():
+            served.batcher.stop_admitting()
+
+    async def close(self) -> None:
+        self.begin_drain()
+        grace = self.settings.shutdown_grace_s
+        for served in self.models.values():
+            left = await served.batcher.close(timeout_s=grace)
+            if left:
+                logger.warning("%s: %d queued images were not served within the grace period", served.name, left)
+        self.decode_pool.shutdown(wait=False, cancel_futures=True)
+        self.forward_pool.shutdown(wait=True, cancel_futures=True)
+
+    def lookup(self, name: str) -> ServedModel:
+        spec = find_spec(name)
+        served = self.models.get(spec.name) if spec is not None else None
+        if served is None:
+            loaded = ", ".join(self.models) or "none yet"
+            raise ModelNotFound(f"model {name!r} is not served here; loaded models: {loaded}")
+        return served
+
+    def ensure_accepting(self) -> None:
+        if self.phase is Phase.READY:
+            return
+        if self.phase is Phase.DRAINING:
+            raise ServiceUnavailable("the server is shutting down and accepts no new requests")
+        raise ServiceUnavailable("the models are still loading; retry when /ping says Healthy")

@@ -1,0 +1,228 @@
+"""The `resnet-serve` command: `serve`, and `weights random|fetch|list`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import uvicorn
+from pydantic import ValidationError
+
+from service.api.state import ServerState
+from service.config import Settings
+
+logger = logging.getLogger("service")
+
+# (flag, settings field, type, help); each is also RESNET_SERVE_<FIELD> in the environment.
+SERVE_FLAGS: list[tuple[str, str, Any, str]] = [
+    ("--models", "models", str, "comma-separated model names (default resnet18v1)"),
+    ("--weights-dir", "weights_dir", Path, "directory holding the weights files (default weights/)"),
+    ("--missing-weights", "missing_weights", str,
+     "when a model has no weights file: fail (default), fetch, random, fetch-or-random"),
+    ("--random-seed", "random_seed", int, "seed for generated random-init weights (default 0)"),
+    ("--host", "host", str, "address to bind (default 127.0.0.1)"),
+    ("--port", "port", int, "port to bind (default 8080)"),
+    ("--device", "device", str, "auto (CUDA when available), cpu, cuda or cuda:N"),
+    ("--max-batch-size", "max_batch_size", int, "images per forward at most (default 8 on CPU, 64 on GPU)"),
+    ("--max-delay-ms", "max_delay_ms", float, "how long a batch waits to fill (default 2 on CPU, 5 on GPU)"),
+    ("--max-queue-size", "max_queue_size", int, "admitted images waiting per model (default 8 x batch)"),
+    ("--request-timeout-s", "request_timeout_s", float, "deadline of a request from arrival (default 30)"),
+    ("--max-upload-bytes", "max_upload_bytes", int, "body size cap (default 10 MiB)"),
+    ("--max-image-pixels", "max_image_pixels", int, "pixel cap, checked before decoding (default 50M)"),
+    ("--max-images-per-request", "max_images_per_request", int, "data parts in one request (default 64)"),
+    ("--shutdown-grace-s", "shutdown_grace_s", float, "time to finish accepted work on SIGTERM (default 30)"),
+    ("--decode-workers", "decode_workers", int, "threads decoding images (default: by device)"),
+    ("--torch-threads", "torch_threads", int, "intra-op threads of the forward (default: by device)"),
+    ("--dtype", "dtype", str, "float32 (default), float16 or bfloat16 (autocast; GPU)"),
+    ("--log-level", "log_level", str, "debug, info (default), warning, error"),
+]  # fmt: skip
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    handler = getattr(args, "handler", None)
+    if handler is None:
+        parser.print_help()
+        return 2
+    result: int = handler(args)
+    return result
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="resnet-serve", description=__doc__)
+    commands = parser.add_subparsers(title="commands")
+
+    serve = commands.add_parser("serve", help="run the HTTP server")
+    for flag, _field, type_, help_ in SERVE_FLAGS:
+        serve.add_argument(flag, type=type_, default=None, help=help_)
+    serve.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=None, help="log each request")
+    serve.add_argument(
+        "--channels-last", action=argparse.BooleanOptionalAction, default=None, help="channels_last memory format"
+    )
+    serve.set_defaults(handler=_serve)
+
+    weights = commands.add_parser("weights", help="manage weights files").add_subparsers(title="weights commands")
+    random_ = weights.add_parser("random", help="write seeded random-init checkpoints (tests, benchmarks)")
+    random_.add_argument("names", nargs="+")
+    random_.add_argument("--seed", type=int, default=0)
+    random_.add_argument("--dir", type=Path, default=Path("weights"))
+    random_.set_defaults(handler=_weights_random)
+
+    fetch = weights.add_parser("fetch", help="download official torchvision checkpoints (hash-checked)")
+    fetch.add_argument("names", nargs="+")
+    fetch.add_argument("--dir", type=Path, default=Path("weights"))
+    fetch.add_argument("--base-url", default=None, help="a mirror of download.pytorch.org/models/")
+    fetch.set_defaults(handler=_weights_fetch)
+
+    list_ = weights.add_parser("list", help="what weights are present, verified or not")
+    list_.add_argument("--dir", type=Path, default=Path("weights"))
+    list_.add_argument("--verify", action="store_true", help="hash every file (slow for big models)")
+    list_.set_defaults(handler=_weights_list)
+    return parser
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from service.api.app import create_app
+    from service.errors import StartupError
+    from service.models.registry import resolve_specs
+
+    overrides = {field: getattr(args, flag.lstrip("-").replace("-", "_")) for flag, field, _, _ in SERVE_FLAGS}
+    overrides["access_log"] = args.access_log
+    overrides["channels_last"] = args.channels_last
+    try:
+        settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
+        resolve_specs(settings.models)
+    except ValidationError as exc:
+        print(f"resnet-serve: invalid setting: {_validation_summary(exc)}", file=sys.stderr)
+        return 2
+    except (StartupError, RuntimeError) as exc:
+        print(f"resnet-serve: {exc}", file=sys.stderr)
+        return 2
+    _configure_logging(settings.log_level)
+
+    failure: list[str] = []
+    server: _DrainingServer | None = None
+
+    def stop_on_failure(message: str) -> None:
+        failure.append(message)
+        if server is not None:
+            server.should_exit = True
+
+    try:
+        app = create_app(settings, background_load=True, on_startup_failure=stop_on_failure)
+    except RuntimeError as exc:  # e.g. --device cuda without CUDA
+        print(f"resnet-serve: {exc}", file=sys.stderr)
+        return 2
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        access_log=settings.access_log,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=int(settings.shutdown_grace_s) or None,
+        log_config=None,
+    )
+    server = _DrainingServer(config, app.state.server)
+    server.run()
+    if failure:
+        print(f"resnet-serve: startup failed: {failure[0]}", file=sys.stderr)
+        return 1
+    return 0
+
+
+class _DrainingServer(uvicorn.Server):
+    """uvicorn.Server that turns readiness to 503 and stops admission the moment SIGTERM arrives;
+    uvicorn then stops accepting, lets in-flight requests finish within the grace period, and
+    the lifespan drains the batchers."""
+
+    def __init__(self, config: uvicorn.Config, state: ServerState) -> None:
+        super().__init__(config)
+        self._state = state
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if sig in (signal.SIGTERM, signal.SIGINT):
+            logger.info("signal %s: draining (grace %ss)", sig, self._state.settings.shutdown_grace_s)
+            self._state.begin_drain()
+        super().handle_exit(sig, frame)
+
+
+def _weights_random(args: argparse.Namespace) -> int:
+    from service.models.weights import write_random
+
+    specs = _specs_or_exit(args.names)
+    if specs is None:
+        return 2
+    for spec in specs:
+        path = write_random(spec, args.seed, args.dir)
+        print(f"{spec.name}: wrote random-init weights (seed {args.seed}) to {path}")
+    return 0
+
+
+def _weights_fetch(args: argparse.Namespace) -> int:
+    from service.models.weights import OFFICIAL_BASE_URL, fetch_official
+
+    specs = _specs_or_exit(args.names)
+    if specs is None:
+        return 2
+    failed = 0
+    for spec in specs:
+        try:
+            path = fetch_official(spec, args.dir, base_url=args.base_url or OFFICIAL_BASE_URL)
+        except (OSError, ValueError) as exc:
+            print(f"{spec.name}: fetch failed: {exc}", file=sys.stderr)
+            failed += 1
+            continue
+        print(f"{spec.name}: {path} (sha256 verified)")
+    return 1 if failed else 0
+
+
+def _weights_list(args: argparse.Namespace) -> int:
+    from service.errors import StartupError
+    from service.models.catalog import CATALOG
+    from service.models.weights import find_weights, verify
+
+    for spec in CATALOG.values():
+        found = find_weights(spec, args.dir)
+        if found is None:
+            print(f"{spec.name:18} missing")
+            continue
+        status = "present"
+        if args.verify:
+            try:
+                status = f"verified sha256 {verify(found)[:12]}"
+            except StartupError as exc:
+                status = f"CORRUPT: {exc}"
+        print(f"{spec.name:18} {found.path.name:40} {found.describe():32} {status}")
+    return 0
+
+
+def _specs_or_exit(names: Sequence[str]) -> list[Any] | None:
+    from service.errors import StartupError
+    from service.models.registry import resolve_specs
+
+    try:
+        return resolve_specs(tuple(names))
+    except StartupError as exc:
+        print(f"resnet-serve: {exc}", file=sys.stderr)
+        return None
+
+
+def _validation_summary(exc: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,93 @@
+"""Every setting of the server, from CLI flags, `RESNET_SERVE_*` environment variables and defaults."""
+
+from __future__ import annotations
+
+import os
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_MODELS = ("resnet18v1",)
+
+
+class MissingWeightsPolicy(StrEnum):
+    """What `serve` does when a model's weights file is absent."""
+
+    FAIL = "fail"
+    FETCH = "fetch"
+    RANDOM = "random"
+    FETCH_OR_RANDOM = "fetch-or-random"
+
+
+class Settings(BaseSettings):
+    """Server settings; `None` means "pick the default that suits the device" (see `resolved`)."""
+
+    model_config = SettingsConfigDict(env_prefix="RESNET_SERVE_", extra="forbid", frozen=True)
+
+    models: Annotated[tuple[str, ...], Field(min_length=1)] = DEFAULT_MODELS
+    weights_dir: Path = Path("weights")
+    missing_weights: MissingWeightsPolicy = MissingWeightsPolicy.FAIL
+    random_seed: int = 0
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] = 8080
+    device: Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")] = "auto"
+
+    max_batch_size: Annotated[int | None, Field(ge=1, le=1024)] = None
+    max_delay_ms: Annotated[float | None, Field(ge=0, le=10_000)] = None
+    max_queue_size: Annotated[int | None, Field(ge=1, le=1_000_000)] = None
+    request_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 30.0
+    max_upload_bytes: Annotated[int, Field(ge=1)] = 10 * 1024 * 1024
+    max_image_pixels: Annotated[int, Field(ge=1)] = 50_000_000
+    max_images_per_request: Annotated[int, Field(ge=1, le=4096)] = 64
+    shutdown_grace_s: Annotated[float, Field(ge=0, le=3600)] = 30.0
+
+    decode_workers: Annotated[int | None, Field(ge=1, le=256)] = None
+    torch_threads: Annotated[int | None, Field(ge=1, le=1024)] = None
+    channels_last: bool = True
+    # fp32 by default: the correctness tests compare against an fp32 torchvision forward.
+    dtype: Annotated[str, Field(pattern=r"^(float32|float16|bfloat16)$")] = "float32"
+    access_log: bool = False
+    log_level: Annotated[str, Field(pattern=r"^(debug|info|warning|error)$")] = "info"
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _split_comma_list(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    def resolved(self, *, on_gpu: bool) -> Settings:
+        """Fill every device-dependent default; an explicit value always wins."""
+        cores = os.cpu_count() or 1
+        defaults: dict[str, object] = {
+            # CPU: batches beyond 8 add latency without adding throughput; a GPU wants full batches.
+            "max_batch_size": 64 if on_gpu else 8,
+            "max_delay_ms": 5.0 if on_gpu else 2.0,
+            "decode_workers": max(2, cores - 1) if on_gpu else max(1, cores),
+            "torch_threads": max(1, min(4, cores)) if on_gpu else cores,
+        }
+        updates = {key: value for key, value in defaults.items() if getattr(self, key) is None}
+        batch = updates.get("max_batch_size", self.max_batch_size)
+        if self.max_queue_size is None:
+            assert isinstance(batch, int)
+            updates["max_queue_size"] = batch * 8
+        return self.model_copy(update=updates)
+
+    # Accessors for resolved settings, so callers need no `assert x is not None` each time.
+    @property
+    def batch_size(self) -> int:
+        assert self.max_batch_size is not None, "call resolved() first"
+        return self.max_batch_size
+
+    @property
+    def delay_s(self) -> float:
+        assert self.max_delay_ms is not None, "call resolved() first"
+        return self.max_delay_ms / 1000.0
+
+    @property
+    def queue_size(self) -> int:
+        assert self.max_queue_size is not None, "call resolved() first"
+        return self.max_queue_size

@@ -1,0 +1,113 @@
+"""Bytes in, a uint8 CHW tensor out: decode (EXIF-aware, any mode to RGB, pixel caps), resize, crop.
+
+Pure functions, run in a thread pool by the edge. The resize and crop are torchvision's own functions
+on the PIL image, the same calls its weights transforms make, so the server's input to the model is
+bit-identical to the reference pipeline's; normalisation happens on the device (see the runner).
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torchvision.transforms.functional as F
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torchvision.transforms import InterpolationMode
+
+from service.errors import InvalidInput, UnsupportedMediaType
+
+# Formats a photo upload can be in. Leaving out EPS matters: Pillow renders it with Ghostscript.
+ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "PPM", "ICO", "MPO")
+
+# Our own pixel cap (checked from the header, before decoding) replaces Pillow's global warning.
+Image.MAX_IMAGE_PIXELS = None
+
+_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """The evaluation transform of a set of weights, as torchvision's `ImageClassification` has it."""
+
+    resize_size: int = 256
+    crop_size: int = 224
+    interpolation: InterpolationMode = InterpolationMode.BILINEAR
+    antialias: bool = True
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+
+def decode(data: bytes, *, max_pixels: int) -> Image.Image:
+    """Open and fully decode an upload into an RGB image, refusing what is not a sane photo."""
+    if not data:
+        raise InvalidInput("the image is empty (0 bytes)")
+    try:
+        image: Image.Image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+    except UnidentifiedImageError:
+        raise UnsupportedMediaType(
+            f"the upload is not an image in a supported format ({', '.join(ALLOWED_FORMATS)})"
+        ) from None
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise InvalidInput(f"the image header is corrupt: {_short(exc)}") from None
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise InvalidInput(f"the image has no pixels ({width}x{height})")
+    if width * height > max_pixels:
+        raise InvalidInput(f"the image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}")
+    try:
+        with warnings.catch_warnings():
+            # A truncated or oddly tagged file warns in Pillow; we decide on errors alone.
+            warnings.simplefilter("ignore")
+            image.load()
+            image = _apply_exif_orientation(image)
+            return _to_rgb(image)
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
+        raise InvalidInput(f"the image could not be decoded: {_short(exc)}") from None
+
+
+def to_model_input(image: Image.Image, spec: Preprocessing, *, max_pixels: int) -> torch.Tensor:
+    """Resize the shorter side, center-crop, and return a uint8 tensor of shape (3, crop, crop)."""
+    short, long = sorted(image.size)
+    resized_long = int(spec.resize_size * long / short)
+    if resized_long * spec.resize_size > max_pixels:
+        raise InvalidInput(
+            f"the image is {image.width}x{image.height}: its aspect ratio is too extreme to resize "
+            f"(the shorter side at {spec.resize_size} px makes the longer one {resized_long} px)"
+        )
+    resized = F.resize(image, [spec.resize_size], interpolation=spec.interpolation, antialias=spec.antialias)
+    cropped = F.center_crop(resized, [spec.crop_size])
+    tensor: torch.Tensor = F.pil_to_tensor(cropped)
+    return tensor
+
+
+def preprocess(data: bytes, spec: Preprocessing, *, max_pixels: int) -> torch.Tensor:
+    return to_model_input(decode(data, max_pixels=max_pixels), spec, max_pixels=max_pixels)
+
+
+def _apply_exif_orientation(image: Image.Image) -> Image.Image:
+    try:
+        transposed = ImageOps.exif_transpose(image)
+    except Exception:  # a corrupt EXIF block must not cost the caller the image itself
+        return image
+    return transposed if transposed is not None else image
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode == "RGB":
+        return image
+    if image.mode in _SIXTEEN_BIT_MODES:
+        # Pillow clips 16-bit samples to 255 when converting; scale them down instead.
+        wide = np.asarray(image, dtype=np.int64)
+        eight_bit = (np.clip(wide, 0, 65535) >> 8).astype(np.uint8)
+        return Image.fromarray(eight_bit).convert("RGB")
+    if image.mode == "F":
+        return Image.fromarray(np.clip(np.asarray(image), 0, 255).astype(np.uint8)).convert("RGB")
+    return image.convert("RGB")
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text[:200]

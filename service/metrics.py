@@ -1,0 +1,157 @@
+"""Prometheus metrics on an injected registry: histograms in base units, low-cardinality labels."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterable, Sequence
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+
+logger = logging.getLogger(__name__)
+
+PREFIX = "resnet_serve"
+ROUTES = ("predict", "predictions")
+REJECT_REASONS = ("queue_full", "deadline", "disconnected", "bad_input", "too_large")
+
+# End-to-end latency on a CPU runs to seconds under load; on a GPU it is milliseconds.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 10, 30)
+STAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+def batch_size_buckets(max_batch_size: int) -> tuple[float, ...]:
+    buckets = [1]
+    while buckets[-1] < max_batch_size:
+        buckets.append(buckets[-1] * 2)
+    return tuple(float(b) for b in buckets)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry, *, max_batch_size: int) -> None:
+        self.registry = registry
+        self.requests = Counter(
+            f"{PREFIX}_requests", "HTTP requests to model routes, by response code",
+            ["model", "route", "code"], registry=registry,
+        )  # fmt: skip
+        self.request_duration = Histogram(
+            f"{PREFIX}_request_duration_seconds", "End-to-end request time, arrival to response",
+            ["model", "route"], buckets=LATENCY_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.preprocess_duration = Histogram(
+            f"{PREFIX}_preprocess_duration_seconds", "Decode and resize time per image",
+            ["model"], buckets=STAGE_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.queue_wait = Histogram(
+            f"{PREFIX}_queue_wait_seconds", "Time from enqueue to the start of the image's batch forward",
+            ["model"], buckets=STAGE_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.inference_duration = Histogram(
+            f"{PREFIX}_inference_duration_seconds", "One batch forward, device sync included",
+            ["model"], buckets=STAGE_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.batch_size = Histogram(
+            f"{PREFIX}_batch_size", "Images per forward",
+            ["model"], buckets=batch_size_buckets(max_batch_size), registry=registry,
+        )  # fmt: skip
+        self.images = Counter(f"{PREFIX}_images", "Images run through a forward", ["model"], registry=registry)
+        self.rejected = Counter(
+            f"{PREFIX}_rejected", "Images or requests refused or dropped, by reason",
+            ["model", "reason"], registry=registry,
+        )  # fmt: skip
+        self.forward_failures = Counter(
+            f"{PREFIX}_forward_failures", "Batch forwards that raised", ["model"], registry=registry
+        )
+        self.queue_depth = Gauge(
+            f"{PREFIX}_queue_depth", "Admitted images waiting for a forward", ["model"], registry=registry
+        )
+        self.inflight = Gauge(f"{PREFIX}_inflight_requests", "Model-route requests being handled", registry=registry)
+        self.model_info = Gauge(
+            f"{PREFIX}_model_info", "Loaded models (value is always 1)",
+            ["model", "arch", "device", "dtype", "weights"], registry=registry,
+        )  # fmt: skip
+        self.ready = Gauge(f"{PREFIX}_ready", "1 when every model is loaded and warm", registry=registry)
+        ProcessCollector(registry=registry)
+        PlatformCollector(registry=registry)
+        GCCollector(registry=registry)
+
+    def init_model(self, model: str) -> None:
+        """Create every label set up front so dashboards show zeros rather than gaps."""
+        for route in ROUTES:
+            self.requests.labels(model, route, "200")
+            self.request_duration.labels(model, route)
+        for reason in REJECT_REASONS:
+            self.rejected.labels(model, reason)
+        for metric in (self.preprocess_duration, self.queue_wait, self.inference_duration, self.batch_size):
+            metric.labels(model)
+        self.images.labels(model)
+        self.forward_failures.labels(model)
+        self.queue_depth.labels(model).set(0)
+
+    def observer(self, model: str) -> ModelObserver:
+        return ModelObserver(self, model)
+
+
+class ModelObserver:
+    """The batcher's view of the metrics for one model (see `batching.BatchObserver`)."""
+
+    def __init__(self, metrics: Metrics, model: str) -> None:
+        self._batch_size = metrics.batch_size.labels(model)
+        self._images = metrics.images.labels(model)
+        self._queue_wait = metrics.queue_wait.labels(model)
+        self._inference = metrics.inference_duration.labels(model)
+        self._failures = metrics.forward_failures.labels(model)
+        self._depth = metrics.queue_depth.labels(model)
+        self._rejected = metrics.rejected
+        self._model = model
+
+    def on_batch(self, size: int, queue_waits_s: Sequence[float]) -> None:
+        self._batch_size.observe(size)
+        self._images.inc(size)
+        for wait in queue_waits_s:
+            self._queue_wait.observe(wait)
+
+    def on_forward(self, duration_s: float, failed: bool) -> None:
+        self._inference.observe(duration_s)
+        if failed:
+            self._failures.inc()
+
+    def on_dropped(self, reason: str, count: int) -> None:
+        self._rejected.labels(self._model, reason).inc(count)
+
+    def on_depth(self, depth: int) -> None:
+        self._depth.set(depth)
+
+
+class CudaMemoryCollector:
+    """GPU memory (and utilization where NVML answers), read at scrape time."""
+
+    def __init__(self, device_indices: Iterable[int]) -> None:
+        self._devices = list(device_indices)
+
+    def collect(self) -> Iterable[Metric]:
+        import torch  # only constructed on CUDA hosts
+
+        allocated = GaugeMetricFamily(
+            f"{PREFIX}_gpu_memory_allocated_bytes", "GPU memory held by tensors", labels=["device"]
+        )
+        reserved = GaugeMetricFamily(
+            f"{PREFIX}_gpu_memory_reserved_bytes", "GPU memory reserved by the caching allocator", labels=["device"]
+        )
+        utilization = GaugeMetricFamily(
+            f"{PREFIX}_gpu_utilization_ratio", "GPU busy fraction over the last sample (NVML)", labels=["device"]
+        )
+        for index in self._devices:
+            label = [f"cuda:{index}"]
+            allocated.add_metric(label, float(torch.cuda.memory_allocated(index)))
+            reserved.add_metric(label, float(torch.cuda.memory_reserved(index)))
+            # NVML (pynvml) is optional: without it there is no utilization sample.
+            with contextlib.suppress(Exception):
+                utilization.add_metric(label, torch.cuda.utilization(index) / 100.0)
+        yield allocated
+        yield reserved
+        if utilization.samples:
+            yield utilization

@@ -1,0 +1,133 @@
+"""Startup: find (or fetch, or generate) each model's weights, build it, load it, warm it up."""
+
+from __future__ import annotations
+
+import logging
+import urllib.error
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from service.config import MissingWeightsPolicy, Settings
+from service.errors import StartupError
+from service.imaging import Preprocessing
+from service.models.catalog import ModelSpec, find_spec, known_names
+from service.models.labels import labels_for
+from service.models.runner import DTYPES, ModelRunner
+from service.models.weights import (
+    Origin,
+    WeightsFile,
+    build_model,
+    candidate_names,
+    classify,
+    fetch_official,
+    find_weights,
+    verify,
+    write_random,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    spec: ModelSpec
+    runner: ModelRunner
+    labels: tuple[str, ...]
+    preprocessing: Preprocessing
+    weights: WeightsFile
+    sha256: str
+    num_parameters: int
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+def resolve_specs(names: tuple[str, ...]) -> list[ModelSpec]:
+    specs: list[ModelSpec] = []
+    for name in names:
+        spec = find_spec(name)
+        if spec is None:
+            raise StartupError(f"unknown model {name!r}; known models: {', '.join(known_names())}")
+        if spec not in specs:
+            specs.append(spec)
+    return specs
+
+
+def obtain_weights(spec: ModelSpec, settings: Settings) -> WeightsFile:
+    """The model's weights file, applying the `--missing-weights` policy when there is none."""
+    found = find_weights(spec, settings.weights_dir)
+    if found is not None:
+        return found
+    policy = settings.missing_weights
+    if policy in (MissingWeightsPolicy.FETCH, MissingWeightsPolicy.FETCH_OR_RANDOM):
+        try:
+            path = fetch_official(spec, settings.weights_dir)
+            return classify(spec, path)
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            if policy is MissingWeightsPolicy.FETCH:
+                raise StartupError(f"could not fetch the weights of {spec.name}: {exc}") from None
+            logger.warning("could not fetch the official weights of %s (%s)", spec.name, exc)
+    if policy in (MissingWeightsPolicy.RANDOM, MissingWeightsPolicy.FETCH_OR_RANDOM):
+        path = write_random(spec, settings.random_seed, settings.weights_dir)
+        return classify(spec, path)
+    looked_for = ", ".join(candidate_names(spec))
+    raise StartupError(
+        f"no weights for {spec.name} in {settings.weights_dir}/ (looked for {looked_for}); "
+        f"get them with `resnet-serve weights fetch {spec.name}`, or for testing "
+        f"`resnet-serve weights random {spec.name}`"
+    )
+
+
+def load_model(spec: ModelSpec, weights: WeightsFile, settings: Settings, device: torch.device) -> LoadedModel:
+    sha256 = verify(weights)
+    module = build_model(spec, weights)
+    preprocessing = weights.official.preprocessing if weights.official else Preprocessing()
+    runner = ModelRunner(
+        module,
+        preprocessing,
+        device=device,
+        dtype=DTYPES[settings.dtype],
+        channels_last=settings.channels_last,
+    )
+    labels = labels_for(spec.name, weights.path, runner.num_classes)
+    if weights.origin is Origin.RANDOM_INIT:
+        _random_init_banner(spec.name, weights.path, weights.seed)
+    return LoadedModel(
+        spec=spec,
+        runner=runner,
+        labels=labels,
+        preprocessing=preprocessing,
+        weights=weights,
+        sha256=sha256,
+        num_parameters=sum(p.numel() for p in module.parameters()),
+    )
+
+
+def load_all(settings: Settings, device: torch.device) -> dict[str, LoadedModel]:
+    """Load and warm every configured model, or raise StartupError: never half a set."""
+    loaded: dict[str, LoadedModel] = {}
+    for spec in resolve_specs(settings.models):
+        weights = obtain_weights(spec, settings)
+        logger.info("loading %s from %s (%s)", spec.name, weights.path, weights.describe())
+        model = load_model(spec, weights, settings, device)
+        model.runner.warm_up([1, settings.batch_size])
+        loaded[spec.name] = model
+    return loaded
+
+
+def _random_init_banner(name: str, path: Path, seed: int | None) -> None:
+    line = "!" * 78
+    logger.warning(
+        "\n%s\n!! %s SERVES RANDOM-INIT WEIGHTS (seed %s, %s)\n"
+        "!! Its answers are meaningless. Run `resnet-serve weights fetch %s` where the internet is\n"
+        "!! reachable, or put the official checkpoint in the weights directory.\n%s",
+        line,
+        name.upper(),
+        seed,
+        path,
+        name,
+        line,
+    )
