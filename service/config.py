@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Annotated
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_MODELS = ("resnet18v1",)
 
@@ -27,7 +27,8 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="RESNET_SERVE_", extra="forbid", frozen=True)
 
-    models: Annotated[tuple[str, ...], Field(min_length=1)] = DEFAULT_MODELS
+    # NoDecode: the env var is a comma list (`resnet18v1,resnet50v1`), not JSON.
+    models: Annotated[tuple[str, ...], Field(min_length=1), NoDecode] = DEFAULT_MODELS
     weights_dir: Path = Path("weights")
     missing_weights: MissingWeightsPolicy = MissingWeightsPolicy.FAIL
     random_seed: int = 0

@@ -19,8 +19,8 @@ from torchvision.transforms import InterpolationMode
 
 from service.errors import InvalidInput, UnsupportedMediaType
 
-# Formats a photo upload can be in. Leaving out EPS matters: Pillow renders it with Ghostscript.
-ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "PPM", "ICO", "MPO")
+# Formats a photo upload can be in (JPEG covers MPO). Leaving out EPS matters: Pillow renders it with Ghostscript.
+ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "PPM", "ICO")
 
 # Our own pixel cap (checked from the header, before decoding) replaces Pillow's global warning.
 Image.MAX_IMAGE_PIXELS = None

@@ -1,0 +1,52 @@
+"""The walls between modules (see ../shared/design.md), checked by parsing imports."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+SERVICE = Path(__file__).resolve().parents[2] / "service"
+
+
+def imported_modules(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+def roots(path: Path) -> set[str]:
+    return {name.split(".")[0] for name in imported_modules(path)}
+
+
+@pytest.mark.parametrize(
+    ("module", "forbidden"),
+    [
+        ("batching.py", {"torch", "fastapi", "starlette", "prometheus_client"}),
+        ("imaging.py", {"fastapi", "starlette", "asyncio"}),
+        ("postprocessing.py", {"fastapi", "starlette", "asyncio"}),
+        ("errors.py", {"fastapi", "starlette", "torch"}),
+        ("metrics.py", {"fastapi", "starlette"}),
+    ],
+)
+def test_core_modules_stay_free_of_the_edge(module, forbidden):
+    assert not roots(SERVICE / module) & forbidden
+
+
+def test_models_package_never_imports_http():
+    for path in (SERVICE / "models").glob("*.py"):
+        assert not roots(path) & {"fastapi", "starlette", "uvicorn"}, path.name
+        assert not any(name.startswith("service.api") for name in imported_modules(path)), path.name
+
+
+def test_only_the_api_package_and_cli_know_http():
+    for path in SERVICE.glob("*.py"):
+        if path.name in {"cli.py", "__main__.py"}:
+            continue
+        assert not roots(path) & {"fastapi", "starlette", "uvicorn"}, path.name
