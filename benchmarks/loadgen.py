@@ -565,6 +565,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--compare-route", default=None, help="prediction route of B (default: A's)")
     parser.add_argument("--compare-field", default=None, help="multipart field of B (default: A's)")
     parser.add_argument("--compare-metrics-path", default="", help="Prometheus route of B (default: none)")
+    parser.add_argument("--ready-path", default="/ping", help="readiness route of A, waited on first")
+    parser.add_argument("--compare-ready-path", default="/ping", help="readiness route of B (LitServe: /health)")
     parser.add_argument("--concurrency", default="1,4,16", help="closed loop: comma-separated client counts")
     parser.add_argument("--rate", type=float, default=None, help="open loop instead: arrivals a second")
     parser.add_argument("--arrival", choices=("poisson", "uniform"), default="poisson")
@@ -588,8 +590,8 @@ async def _main_async(args: argparse.Namespace) -> int:
             name="B " + args.compare + route,
         )  # fmt: skip
         targets.append(b)
-    for target in targets:
-        wait_ready(target.url, "/ping" if target.metrics_path else "", timeout_s=30)
+    for target, ready_path in zip(targets, (args.ready_path, args.compare_ready_path), strict=False):
+        wait_ready(target.url, ready_path, timeout_s=30)
         if args.warmup > 0:
             await run_level(target, photos, concurrency=4, duration_s=args.warmup, client=args.client)
     levels: list[tuple[int | None, float | None]] = (
