@@ -136,6 +136,10 @@ def _serve(args: argparse.Namespace) -> int:
         log_config=None,
     )
     server = _DrainingServer(config, app.state.server)
+    # uvicorn re-raises a captured SIGTERM/SIGINT with the handler it found after its graceful
+    # shutdown; a no-op there makes a completed drain exit 0 instead of dying by the signal.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
     server.run()
     if failure:
         print(f"resnet-serve: startup failed: {failure[0]}", file=sys.stderr)

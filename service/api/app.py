@@ -46,12 +46,16 @@ def create_app(
     async def load() -> None:
         try:
             loaded = await asyncio.to_thread(load_models, resolved, device)
-        except StartupError as exc:
-            logger.error("startup failed: %s", exc)
-            state.mark_failed(str(exc))
+        except Exception as exc:
+            # One line for the operator; a StartupError's message is already written for them.
+            message = str(exc) if isinstance(exc, StartupError) else f"{type(exc).__name__}: {exc}"
+            logger.error("startup failed: %s", message)
+            state.mark_failed(message)
             if on_startup_failure is not None:
-                on_startup_failure(str(exc))
-            raise
+                on_startup_failure(message)
+            if not background_load:
+                raise
+            return
         for model in loaded.values():
             state.add_model(model)
         state.mark_ready()
