@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import http.server
-import threading
 from pathlib import Path
 
 import pytest
@@ -32,6 +30,7 @@ from service.models.weights import (
 )
 from service.postprocessing import top_k
 from tests.conftest import SYNSETS
+from tests.unit.conftest import OneFile
 
 ALL_NAMES = [
     "resnet18v1", "resnet34v1", "resnet50v1", "resnet101v1", "resnet152v1", "wide_resnet50_2",
@@ -152,37 +151,13 @@ def test_custom_class_count_needs_a_labels_file(tmp_path):
     assert labels_for("resnet18v1", weights, 10)[9] == "class9"
 
 
-class _OneFile(http.server.BaseHTTPRequestHandler):
-    body = b""
-
-    def do_GET(self):
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(self.body)))
-        self.end_headers()
-        self.wfile.write(self.body)
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def file_server():
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _OneFile)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
-    thread.join()
-
-
 def test_download_verifies_the_hash_and_writes_atomically(tmp_path, file_server):
-    _OneFile.body = b"checkpoint bytes" * 1000
-    digest = hashlib.sha256(_OneFile.body).hexdigest()
+    OneFile.body = b"checkpoint bytes" * 1000
+    digest = hashlib.sha256(OneFile.body).hexdigest()
     url = f"http://127.0.0.1:{file_server.server_address[1]}/x.pth"
     target = tmp_path / "x.pth"
     assert download(url, target, sha256_prefix=digest[:8]) == target
-    assert target.read_bytes() == _OneFile.body
+    assert target.read_bytes() == OneFile.body
     with pytest.raises(ValueError, match="corrupt"):
         download(url, tmp_path / "y.pth", sha256_prefix="00000000")
     assert not (tmp_path / "y.pth").exists()
@@ -190,7 +165,7 @@ def test_download_verifies_the_hash_and_writes_atomically(tmp_path, file_server)
 
 
 def test_fetch_rejects_a_corrupted_official_download(tmp_path, file_server):
-    _OneFile.body = b"not the real resnet18"
+    OneFile.body = b"not the real resnet18"
     base = f"http://127.0.0.1:{file_server.server_address[1]}/"
     with pytest.raises(ValueError, match="does not start with f37072fd"):
         fetch_official(CATALOG["resnet18v1"], tmp_path, base_url=base)
