@@ -106,7 +106,9 @@ class ServerState:
         spec = find_spec(name)
         served = self.models.get(spec.name) if spec is not None else None
         if served is None:
-            loaded = ", ".join(self.models) or "none yet"
+            if self.phase in (Phase.STARTING, Phase.FAILED):
+                self.ensure_accepting()
+            loaded = ", ".join(self.models)
             raise ModelNotFound(f"model {name!r} is not served here; loaded models: {loaded}")
         return served
 
@@ -115,4 +117,6 @@ class ServerState:
             return
         if self.phase is Phase.DRAINING:
             raise ServiceUnavailable("the server is shutting down and accepts no new requests")
+        if self.phase is Phase.FAILED:
+            raise ServiceUnavailable(f"the server failed to start: {self.startup_error}")
         raise ServiceUnavailable("the models are still loading; retry when /ping says Healthy")

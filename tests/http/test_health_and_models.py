@@ -63,6 +63,7 @@ async def test_not_healthy_until_every_model_is_warm(make_settings, photos):
             assert (await http.get("/health/ready")).json() == {"status": "starting"}
             refused = await http.post("/resnet18v1/predict", **upload(photos["kitten.jpg"]))
             assert error_of(refused)[:2] == (503, "ServiceUnavailable")
+            assert error_of(await http.get("/models/resnet18v1"))[:2] == (503, "ServiceUnavailable")
             release.set()
             for _ in range(200):
                 if (await http.get("/ping")).status_code == 200:
