@@ -9,6 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
+from service.errors import InsufficientStorage
+
 from tests.http.conftest import error_of, upload
 
 
@@ -209,3 +211,19 @@ def test_every_model_answers_after_errors(client, photos):
     ok = client.post("/resnet18v1/predict", **upload(photos["kitten.jpg"]))
     assert ok.status_code == 200
     assert torch.tensor([e["probability"] for e in ok.json()["prediction"][0]]).sum() <= 1.0
+
+
+async def test_device_out_of_memory_is_507_for_that_batch_only(serve, photos):
+    async with serve() as served:
+        runner = served.state.models["resnet18v1"].loaded.runner
+
+        def out_of_memory(images):
+            raise InsufficientStorage("the GPU is out of memory even for a single image")
+
+        runner.predict = out_of_memory
+        try:
+            failed = await served.http.post("/resnet18v1/predict", **upload(photos["kitten.jpg"]))
+        finally:
+            del runner.predict
+        assert error_of(failed)[:2] == (507, "InsufficientStorage")
+        assert (await served.http.post("/resnet18v1/predict", **upload(photos["kitten.jpg"]))).status_code == 200

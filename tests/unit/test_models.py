@@ -11,7 +11,7 @@ import torchvision
 from safetensors.torch import load_file
 
 from service.config import MissingWeightsPolicy, Settings
-from service.errors import StartupError
+from service.errors import InsufficientStorage, StartupError
 from service.imaging import Preprocessing
 from service.models.catalog import CATALOG, find_spec
 from service.models.labels import imagenet_labels, labels_for
@@ -224,3 +224,36 @@ def test_settings_reject_nonsense():
 
 def test_weights_dir_default_is_relative_to_the_working_directory():
     assert Settings().weights_dir == Path("weights")
+
+
+class _RunsOutOfMemory(torch.nn.Module):
+    """Raises CUDA's out-of-memory error for batches above `limit` images."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+        self.fc = torch.nn.Linear(3, 4)
+        self.batch_sizes: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.batch_sizes.append(x.shape[0])
+        if x.shape[0] > self.limit:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def test_out_of_memory_splits_the_batch_and_keeps_the_order():
+    model = _RunsOutOfMemory(limit=2)
+    runner = ModelRunner(model, Preprocessing(crop_size=8), device=torch.device("cpu"), channels_last=False)
+    images = [torch.full((3, 8, 8), i, dtype=torch.uint8) for i in range(5)]
+    split = runner.predict(images)
+    model.limit = 99
+    whole = runner.predict(images)
+    assert torch.allclose(torch.stack(split), torch.stack(whole), atol=1e-6)
+    assert model.batch_sizes[:5] == [5, 3, 2, 1, 2]  # 5 fails, 3 fails, then 2+1 and 2
+
+
+def test_out_of_memory_on_a_single_image_is_insufficient_storage():
+    runner = ModelRunner(_RunsOutOfMemory(limit=0), Preprocessing(crop_size=8), device=torch.device("cpu"))
+    with pytest.raises(InsufficientStorage):
+        runner.predict([torch.zeros(3, 8, 8, dtype=torch.uint8)] * 2)
