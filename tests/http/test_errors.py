@@ -10,7 +10,6 @@ import torch
 from PIL import Image
 
 from service.errors import InsufficientStorage
-
 from tests.http.conftest import error_of, upload
 
 
