@@ -1,0 +1,191 @@
+"""Soak: many mixed requests (good, bad, oversized, disconnecting) against a live server, with the
+server's RSS, open fds and thread count sampled every N requests.
+
+    python -m benchmarks.soak --requests 20000 --every 1000       # starts its own server
+    python -m benchmarks.soak --url-port 8080 --pid 1234           # or drives a running one
+
+Growth after warm-up (the first sample) should stay under 5 %.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_IMAGES = REPO.parent / "shared" / "data" / "images"
+BOUNDARY = b"soakb0undary"
+
+
+@dataclass
+class Sample:
+    requests: int
+    rss_mib: float
+    open_fds: int
+    threads: int
+    statuses: dict[str, int]
+
+
+def _multipart(image: bytes, declared: int | None = None) -> bytes:
+    payload = (
+        b"--" + BOUNDARY + b'\r\nContent-Disposition: form-data; name="data"; filename="x.jpg"\r\n\r\n'
+        + image + b"\r\n--" + BOUNDARY + b"--\r\n"
+    )  # fmt: skip
+    head = (
+        f"POST /resnet18v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+        f"Content-Length: {declared if declared is not None else len(payload)}\r\n"
+        f"Content-Type: multipart/form-data; boundary={BOUNDARY.decode()}\r\n\r\n"
+    ).encode()
+    return head + payload
+
+
+def request_mix(max_upload_bytes: int) -> list[tuple[str, bytes, bool]]:
+    """(kind, bytes to send, hang up before the end) in the proportions the soak cycles through."""
+    kitten = (SHARED_IMAGES / "kitten.jpg").read_bytes()
+    small = (SHARED_IMAGES / "kitten_small.jpg").read_bytes()
+    oversized = _multipart(b"", declared=max_upload_bytes + 1)
+    return [
+        ("good", _multipart(small), False),
+        ("good", _multipart(kitten), False),
+        ("bad", _multipart(b"definitely not an image"), False),
+        ("truncated", _multipart(kitten[: len(kitten) // 3]), False),
+        ("oversized", oversized, False),
+        ("disconnecting", _multipart(kitten)[: len(kitten) // 2], True),
+    ]
+
+
+async def _exchange(port: int, data: bytes, hang_up: bool) -> str:
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    except OSError:
+        return "refused"
+    try:
+        writer.write(data)
+        await writer.drain()
+        if hang_up:
+            return "hung-up"
+        response = await asyncio.wait_for(reader.read(), timeout=60)
+        return response[9:12].decode() or "empty"
+    except (OSError, TimeoutError):
+        return "error"
+    finally:
+        writer.close()
+
+
+def _proc_stats(pid: int) -> tuple[float, int, int]:
+    rss_kib = next(
+        int(line.split()[1])
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+        if line.startswith("VmRSS:")
+    )
+    return rss_kib / 1024, len(os.listdir(f"/proc/{pid}/fd")), len(os.listdir(f"/proc/{pid}/task"))
+
+
+async def soak(port: int, pid: int, *, total: int, every: int, concurrency: int, max_upload_bytes: int) -> list[Sample]:
+    mix = itertools.cycle(request_mix(max_upload_bytes))
+    samples: list[Sample] = []
+    statuses: Counter[str] = Counter()
+    done = 0
+
+    async def worker(until: int) -> None:
+        nonlocal done
+        while done < until:
+            done += 1
+            _, data, hang_up = next(mix)
+            statuses[await _exchange(port, data, hang_up)] += 1
+
+    while done < total:
+        target = min(total, done + every)
+        await asyncio.gather(*(worker(target) for _ in range(min(concurrency, target - done))))
+        rss, fds, threads = _proc_stats(pid)
+        samples.append(Sample(done, round(rss, 1), fds, threads, dict(statuses)))
+    return samples
+
+
+def growth(samples: list[Sample]) -> dict[str, float]:
+    """Relative growth from the first sample (after warm-up) to the last."""
+    first, last = samples[0], samples[-1]
+    return {
+        "rss": last.rss_mib / first.rss_mib - 1,
+        "open_fds": last.open_fds / first.open_fds - 1,
+        "threads": last.threads / first.threads - 1,
+    }
+
+
+def _start_server(weights_dir: Path, port: int, max_upload_bytes: int) -> subprocess.Popen[bytes]:
+    subprocess.run(
+        [sys.executable, "-m", "service", "weights", "random", "resnet18v1", "--dir", str(weights_dir)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, "-m", "service", "serve", "--weights-dir", str(weights_dir), "--port", str(port),
+         "--max-upload-bytes", str(max_upload_bytes), "--log-level", "warning"],
+        cwd=REPO,
+    )  # fmt: skip
+
+
+def _wait_ready(port: int, timeout_s: float = 120) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=1) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.2)
+    raise TimeoutError("server not ready")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=20_000)
+    parser.add_argument("--every", type=int, default=1_000)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--port", type=int, default=8097, help="port of the server (started here unless --pid)")
+    parser.add_argument("--pid", type=int, default=None, help="pid of an already running server to drive")
+    parser.add_argument("--max-upload-bytes", type=int, default=2_000_000)
+    parser.add_argument("--json", type=Path, default=None, help="write the samples here too")
+    args = parser.parse_args()
+
+    server = None
+    pid = args.pid
+    if pid is None:
+        server = _start_server(Path(tempfile.mkdtemp(prefix="soak-weights-")), args.port, args.max_upload_bytes)
+        pid = server.pid
+    try:
+        _wait_ready(args.port)
+        started = time.perf_counter()
+        samples = asyncio.run(
+            soak(args.port, pid, total=args.requests, every=args.every, concurrency=args.concurrency,
+                 max_upload_bytes=args.max_upload_bytes)
+        )  # fmt: skip
+        elapsed = time.perf_counter() - started
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait(timeout=60)
+    print(f"{'requests':>9} {'rss MiB':>8} {'fds':>5} {'threads':>8}  statuses")
+    for s in samples:
+        print(f"{s.requests:>9} {s.rss_mib:>8} {s.open_fds:>5} {s.threads:>8}  {s.statuses}")
+    change = growth(samples)
+    print(f"{args.requests} requests in {elapsed:.0f} s; growth after warm-up: "
+          + ", ".join(f"{k} {v:+.1%}" for k, v in change.items()))  # fmt: skip
+    if args.json:
+        args.json.write_text(json.dumps({"samples": [asdict(s) for s in samples], "growth": change}, indent=2))
+    return 0 if all(v < 0.05 for v in change.values()) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
