@@ -100,7 +100,8 @@ class ServerState:
             if left:
                 logger.warning("%s: %d queued images were not served within the grace period", served.name, left)
         self.decode_pool.shutdown(wait=False, cancel_futures=True)
-        self.forward_pool.shutdown(wait=True, cancel_futures=True)
+        # A forward still running must finish before the process exits; wait off the loop.
+        await asyncio.to_thread(self.forward_pool.shutdown, wait=True, cancel_futures=True)
 
     def lookup(self, name: str) -> ServedModel:
         spec = find_spec(name)
