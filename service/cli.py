@@ -81,6 +81,19 @@ def _build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("--base-url", default=None, help="a mirror of download.pytorch.org/models/")
     fetch.set_defaults(handler=_weights_fetch)
 
+    ensure = weights.add_parser(
+        "ensure",
+        help="make sure each model has a weights file: keep it, else fetch, else random (per --missing-weights)",
+        description="Reads the serve settings (RESNET_SERVE_* environment) for the models, directory, seed and "
+        "mirror; what is given here wins. Used by docker-compose's weights-init service.",
+    )
+    ensure.add_argument("names", nargs="*", help="models (default: RESNET_SERVE_MODELS or resnet18v1)")
+    ensure.add_argument("--dir", type=Path, default=None)
+    ensure.add_argument(
+        "--missing-weights", default=None, help="fetch, random or fetch-or-random (default: fetch-or-random)"
+    )
+    ensure.set_defaults(handler=_weights_ensure)
+
     list_ = weights.add_parser("list", help="what weights are present, verified or not")
     list_.add_argument("--dir", type=Path, default=Path("weights"))
     list_.add_argument("--verify", action="store_true", help="hash every file (slow for big models)")
@@ -191,6 +204,31 @@ def _weights_fetch(args: argparse.Namespace) -> int:
             continue
         print(f"{spec.name}: {path} (sha256 verified)")
     return 1 if failed else 0
+
+
+def _weights_ensure(args: argparse.Namespace) -> int:
+    from service.config import MissingWeightsPolicy
+    from service.errors import StartupError
+    from service.models.registry import obtain_weights, resolve_specs
+
+    overrides: dict[str, Any] = {"missing_weights": args.missing_weights or MissingWeightsPolicy.FETCH_OR_RANDOM}
+    if args.names:
+        overrides["models"] = tuple(args.names)
+    if args.dir is not None:
+        overrides["weights_dir"] = args.dir
+    _configure_logging("warning")
+    try:
+        settings = Settings(**overrides)
+        for spec in resolve_specs(settings.models):
+            weights = obtain_weights(spec, settings)
+            print(f"{spec.name}: {weights.path} ({weights.describe()})", flush=True)
+    except ValidationError as exc:
+        print(f"resnet-serve: invalid setting: {_validation_summary(exc)}", file=sys.stderr)
+        return 2
+    except StartupError as exc:
+        print(f"resnet-serve: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _weights_list(args: argparse.Namespace) -> int:

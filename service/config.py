@@ -32,6 +32,8 @@ class Settings(BaseSettings):
     weights_dir: Path = Path("weights")
     missing_weights: MissingWeightsPolicy = MissingWeightsPolicy.FAIL
     random_seed: int = 0
+    # Where `--missing-weights fetch` downloads from: download.pytorch.org/models/ or a mirror of it.
+    weights_base_url: str = "https://download.pytorch.org/models/"
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535)] = 8080
     device: Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")] = "auto"

@@ -17,6 +17,9 @@ logger = logging.getLogger(__name__)
 PREFIX = "resnet_serve"
 ROUTES = ("predict", "predictions")
 REJECT_REASONS = ("queue_full", "deadline", "disconnected", "bad_input", "too_large")
+# Every status a model route can answer, created up front so that the first error of a kind is an
+# increase that rate() sees, not the birth of a series that it misses.
+STATUS_CODES = ("200", "400", "404", "413", "415", "429", "499", "500", "503", "504", "507")
 
 # End-to-end latency on a CPU runs to seconds under load; on a GPU it is milliseconds.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 10, 30)
@@ -68,6 +71,9 @@ class Metrics:
         self.queue_depth = Gauge(
             f"{PREFIX}_queue_depth", "Admitted images waiting for a forward", ["model"], registry=registry
         )
+        self.queue_capacity = Gauge(
+            f"{PREFIX}_queue_capacity", "Admitted images a model's queue holds at most", ["model"], registry=registry
+        )
         self.inflight = Gauge(f"{PREFIX}_inflight_requests", "Model-route requests being handled", registry=registry)
         self.model_info = Gauge(
             f"{PREFIX}_model_info", "Loaded models (value is always 1)",
@@ -78,10 +84,11 @@ class Metrics:
         PlatformCollector(registry=registry)
         GCCollector(registry=registry)
 
-    def init_model(self, model: str) -> None:
+    def init_model(self, model: str, *, queue_capacity: int) -> None:
         """Create every label set up front so dashboards show zeros rather than gaps."""
         for route in ROUTES:
-            self.requests.labels(model, route, "200")
+            for code in STATUS_CODES:
+                self.requests.labels(model, route, code)
             self.request_duration.labels(model, route)
         for reason in REJECT_REASONS:
             self.rejected.labels(model, reason)
@@ -90,6 +97,7 @@ class Metrics:
         self.images.labels(model)
         self.forward_failures.labels(model)
         self.queue_depth.labels(model).set(0)
+        self.queue_capacity.labels(model).set(queue_capacity)
 
     def observer(self, model: str) -> ModelObserver:
         return ModelObserver(self, model)

@@ -61,13 +61,12 @@ async def _handle(request: Request, model: str, topk: int, *, route: str, format
     state: ServerState = request.app.state.server
     metrics = state.metrics
     arrived = time.perf_counter()
-    model_label = "unknown"
+    model_label = state.metric_label(model)
     code = 500
     metrics.inflight.inc()
     try:
         state.ensure_accepting()
         served = state.lookup(model)
-        model_label = served.name
         results = await _classify(request, state, served, topk)
         code = 200
         return JSONResponse(formatter(results))

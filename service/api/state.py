@@ -46,6 +46,7 @@ class ServerState:
         self.phase = Phase.STARTING
         self.startup_error: str | None = None
         self.models: dict[str, ServedModel] = {}
+        self.configured_models = {spec.name for name in settings.models if (spec := find_spec(name)) is not None}
         self.started_at = time.monotonic()
         self.decode_pool = ThreadPoolExecutor(max_workers=settings.decode_workers or 1, thread_name_prefix="decode")
         # One forward at a time per device: concurrent forwards only fight over the same cores.
@@ -68,7 +69,7 @@ class ServerState:
         )
         batcher.start()
         self.models[loaded.name] = ServedModel(loaded, batcher)
-        self.metrics.init_model(loaded.name)
+        self.metrics.init_model(loaded.name, queue_capacity=self.settings.queue_size)
         self.metrics.model_info.labels(
             loaded.name, loaded.spec.arch, str(self.device), self.settings.dtype, loaded.weights.describe()
         ).set(1)
@@ -112,6 +113,14 @@ class ServerState:
             loaded = ", ".join(self.models)
             raise ModelNotFound(f"model {name!r} is not served here; loaded models: {loaded}")
         return served
+
+    def metric_label(self, name: str) -> str:
+        """The model label for a request's metrics: a configured model's canonical name, even before it
+        has loaded; anything else is `unknown`, so a scan of random names cannot grow the label set."""
+        spec = find_spec(name)
+        if spec is not None and spec.name in self.configured_models:
+            return spec.name
+        return "unknown"
 
     def ensure_accepting(self) -> None:
         if self.phase is Phase.READY:

@@ -64,7 +64,7 @@ def obtain_weights(spec: ModelSpec, settings: Settings) -> WeightsFile:
     policy = settings.missing_weights
     if policy in (MissingWeightsPolicy.FETCH, MissingWeightsPolicy.FETCH_OR_RANDOM):
         try:
-            path = fetch_official(spec, settings.weights_dir)
+            path = fetch_official(spec, settings.weights_dir, base_url=settings.weights_base_url)
             return classify(spec, path)
         except (urllib.error.URLError, OSError, ValueError) as exc:
             if policy is MissingWeightsPolicy.FETCH:

@@ -64,6 +64,8 @@ async def test_not_healthy_until_every_model_is_warm(make_settings, photos):
             refused = await http.post("/resnet18v1/predict", **upload(photos["kitten.jpg"]))
             assert error_of(refused)[:2] == (503, "ServiceUnavailable")
             assert error_of(await http.get("/models/resnet18v1"))[:2] == (503, "ServiceUnavailable")
+            metrics = (await http.get("/metrics")).text
+            assert 'resnet_serve_requests_total{code="503",model="resnet18v1",route="predict"} 1.0' in metrics
             release.set()
             for _ in range(200):
                 if (await http.get("/ping")).status_code == 200:

@@ -66,3 +66,16 @@ def test_module_and_console_script_behave_the_same(entry):
     assert result.returncode == 0
     assert "random" in result.stdout
     assert "fetch" in result.stdout
+
+
+def test_weights_ensure_keeps_what_is_there_and_fills_what_is_missing(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("RESNET_SERVE_WEIGHTS_BASE_URL", "http://127.0.0.1:9/")
+    monkeypatch.setenv("RESNET_SERVE_RANDOM_SEED", "5")
+    assert main(["weights", "random", "resnet18v1", "--seed", "1", "--dir", str(tmp_path)]) == 0
+    capsys.readouterr()
+    assert main(["weights", "ensure", "resnet18v1", "resnet34v1", "--dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "resnet18v1.safetensors (random-init seed 1)" in out
+    assert "resnet34v1.safetensors (random-init seed 5)" in out
+    assert main(["weights", "ensure", "resnet50v1", "--dir", str(tmp_path), "--missing-weights", "fetch"]) == 1
+    assert "could not fetch the weights of resnet50v1" in capsys.readouterr().err

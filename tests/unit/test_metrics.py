@@ -18,19 +18,22 @@ def test_batch_size_buckets_double_up_to_the_max():
 def test_label_sets_exist_before_any_traffic():
     registry = CollectorRegistry()
     metrics = Metrics(registry, max_batch_size=8)
-    metrics.init_model("resnet18v1")
+    metrics.init_model("resnet18v1", queue_capacity=64)
     text = generate_latest(registry).decode()
     for reason in REJECT_REASONS:
         assert f'resnet_serve_rejected_total{{model="resnet18v1",reason="{reason}"}} 0.0' in text
     assert 'resnet_serve_requests_total{code="200",model="resnet18v1",route="predictions"} 0.0' in text
     assert 'resnet_serve_batch_size_bucket{le="8.0",model="resnet18v1"} 0.0' in text
     assert 'resnet_serve_queue_depth{model="resnet18v1"} 0.0' in text
+    assert 'resnet_serve_queue_capacity{model="resnet18v1"} 64.0' in text
+    for code in ("400", "413", "415", "429", "500", "503", "504"):
+        assert f'resnet_serve_requests_total{{code="{code}",model="resnet18v1",route="predict"}} 0.0' in text
 
 
 def test_observer_counts_batches_images_and_drops():
     registry = CollectorRegistry()
     metrics = Metrics(registry, max_batch_size=8)
-    metrics.init_model("m")
+    metrics.init_model("m", queue_capacity=8)
     observer = metrics.observer("m")
     observer.on_batch(3, [0.01, 0.02, 0.03])
     observer.on_forward(0.1, failed=True)

@@ -123,16 +123,24 @@ def test_missing_weights_fail_with_the_command_that_gets_them(tmp_path):
         obtain_weights(CATALOG["resnet18v1"], settings)
 
 
-def test_fetch_or_random_falls_back_to_random_when_offline(tmp_path, monkeypatch):
-    monkeypatch.setattr("service.models.weights.OFFICIAL_BASE_URL", "http://127.0.0.1:9/")
-    monkeypatch.setattr("service.models.registry.fetch_official", _unreachable)
-    settings = Settings(weights_dir=tmp_path, missing_weights=MissingWeightsPolicy.FETCH_OR_RANDOM, random_seed=3)
+def test_fetch_or_random_falls_back_to_random_when_offline(tmp_path):
+    settings = Settings(
+        weights_dir=tmp_path,
+        missing_weights=MissingWeightsPolicy.FETCH_OR_RANDOM,
+        random_seed=3,
+        weights_base_url="http://127.0.0.1:9/",  # the discard port: nothing listens
+    )
     weights = obtain_weights(CATALOG["resnet18v1"], settings)
-    assert weights.origin is Origin.RANDOM_INIT and weights.seed == 3
+    assert weights.origin is Origin.RANDOM_INIT
+    assert weights.seed == 3
 
 
-def _unreachable(spec, directory, **_):
-    return fetch_official(spec, directory, base_url="http://127.0.0.1:9/")
+def test_fetch_policy_without_network_stops_startup(tmp_path):
+    settings = Settings(
+        weights_dir=tmp_path, missing_weights=MissingWeightsPolicy.FETCH, weights_base_url="http://127.0.0.1:9/"
+    )
+    with pytest.raises(StartupError, match="could not fetch the weights of resnet18v1"):
+        obtain_weights(CATALOG["resnet18v1"], settings)
 
 
 def test_unknown_model_names_list_the_known_ones():
