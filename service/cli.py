@@ -33,7 +33,9 @@ SERVE_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--max-delay-ms", "max_delay_ms", float, "how long a batch waits to fill (default 2 on CPU, 5 on GPU)"),
     ("--max-queue-size", "max_queue_size", int, "admitted images waiting per model (default 8 x batch)"),
     ("--request-timeout-s", "request_timeout_s", float, "deadline of a request from arrival (default 30)"),
+    ("--upload-timeout-s", "upload_timeout_s", float, "time for a body to arrive; then 408 (default 10)"),
     ("--max-upload-bytes", "max_upload_bytes", int, "body size cap (default 10 MiB)"),
+    ("--max-header-bytes", "max_header_bytes", int, "request line + headers cap; then 431 (default 64 KiB)"),
     ("--max-image-pixels", "max_image_pixels", int, "pixel cap, checked before decoding (default 50M)"),
     ("--max-images-per-request", "max_images_per_request", int, "data parts in one request (default 64)"),
     ("--shutdown-grace-s", "shutdown_grace_s", float, "time to finish accepted work on SIGTERM (default 30)"),
@@ -143,6 +145,8 @@ def _serve(args: argparse.Namespace) -> int:
         app,
         host=settings.host,
         port=settings.port,
+        http=_http_protocol(settings.max_header_bytes),
+        h11_max_incomplete_event_size=settings.max_header_bytes,
         access_log=settings.access_log,
         log_level=settings.log_level,
         timeout_graceful_shutdown=int(settings.shutdown_grace_s) or None,
@@ -158,6 +162,15 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"resnet-serve: startup failed: {failure[0]}", file=sys.stderr)
         return 1
     return 0
+
+
+def _http_protocol(max_header_bytes: int) -> Any:
+    """httptools (fast) with our head-size cap when installed, else h11 with its own cap."""
+    try:
+        from service.api.protocol import bounded_protocol
+    except ImportError:
+        return "h11"
+    return bounded_protocol(max_header_bytes)
 
 
 class _DrainingServer(uvicorn.Server):

@@ -42,7 +42,10 @@ class Settings(BaseSettings):
     max_delay_ms: Annotated[float | None, Field(ge=0, le=10_000)] = None
     max_queue_size: Annotated[int | None, Field(ge=1, le=1_000_000)] = None
     request_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 30.0
+    # A body that has not fully arrived by then is refused (408) and its queue slot freed.
+    upload_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 10.0
     max_upload_bytes: Annotated[int, Field(ge=1)] = 10 * 1024 * 1024
+    max_header_bytes: Annotated[int, Field(ge=1024)] = 64 * 1024
     max_image_pixels: Annotated[int, Field(ge=1)] = 50_000_000
     max_images_per_request: Annotated[int, Field(ge=1, le=4096)] = 64
     shutdown_grace_s: Annotated[float, Field(ge=0, le=3600)] = 30.0

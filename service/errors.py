@@ -45,6 +45,12 @@ class PayloadTooLarge(ServeError):
     reject_reason = "too_large"
 
 
+class UploadTimeout(ServeError):
+    status = 408
+    type = "RequestTimeout"
+    reject_reason = "deadline"
+
+
 class QueueFull(ServeError):
     status = 429
     type = "QueueFull"

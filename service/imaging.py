@@ -24,6 +24,11 @@ ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "PPM", "ICO")
 
 # Our own pixel cap (checked from the header, before decoding) replaces Pillow's global warning.
 Image.MAX_IMAGE_PIXELS = None
+# Pillow warns about damaged metadata (e.g. "Corrupt EXIF data") while opening and loading uploads; we
+# decide on errors alone, and a warning per hostile upload would be log spam (or, under -W error, a
+# crash). A process-wide filter, set once, because catch_warnings() is not thread-safe before 3.14 and
+# decoding runs in a thread pool. Inserted first, so it holds under `-W error` too.
+warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
 
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
 
@@ -58,12 +63,8 @@ def decode(data: bytes, *, max_pixels: int) -> Image.Image:
     if width * height > max_pixels:
         raise InvalidInput(f"the image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}")
     try:
-        with warnings.catch_warnings():
-            # A truncated or oddly tagged file warns in Pillow; we decide on errors alone.
-            warnings.simplefilter("ignore")
-            image.load()
-            image = _apply_exif_orientation(image)
-            return _to_rgb(image)
+        image.load()
+        return _to_rgb(_apply_exif_orientation(image))
     except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
         raise InvalidInput(f"the image could not be decoded: {_short(exc)}") from None
 

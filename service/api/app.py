@@ -49,7 +49,8 @@ def create_app(
         except Exception as exc:
             # One line for the operator; a StartupError's message is already written for them.
             message = str(exc) if isinstance(exc, StartupError) else f"{type(exc).__name__}: {exc}"
-            logger.error("startup failed: %s", message)
+            # A StartupError is a known problem, said in one line; anything else gets its traceback.
+            logger.error("startup failed: %s", message, exc_info=not isinstance(exc, StartupError))
             state.mark_failed(message)
             if on_startup_failure is not None:
                 on_startup_failure(message)

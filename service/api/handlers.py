@@ -9,7 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.errors import ClientDisconnected, PayloadTooLarge, ServeError
+from service.errors import ClientDisconnected, PayloadTooLarge, ServeError, UploadTimeout
 
 logger = logging.getLogger(__name__)
 
@@ -23,7 +23,7 @@ def error_response(status: int, type_: str, message: str, headers: dict[str, str
 async def _serve_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ServeError)
     headers = dict(exc.headers)
-    if isinstance(exc, PayloadTooLarge):
+    if isinstance(exc, PayloadTooLarge | UploadTimeout):
         # The rest of the body was never read; the connection cannot be reused.
         headers["Connection"] = "close"
     return error_response(exc.status, exc.type, exc.message, headers)
@@ -42,7 +42,9 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     message = exc.detail if isinstance(exc.detail, str) else "request failed"
     if exc.status_code == 404:
         message = f"no route {request.method} {request.url.path}; see /docs for the API"
-    return error_response(exc.status_code, _HTTP_TYPES.get(exc.status_code, "HTTPError"), message)
+    # Starlette's headers carry what the status needs, e.g. `Allow` on a 405 (RFC 9110).
+    headers = dict(exc.headers) if exc.headers else None
+    return error_response(exc.status_code, _HTTP_TYPES.get(exc.status_code, "HTTPError"), message, headers)
 
 
 async def _client_gone(request: Request, exc: Exception) -> JSONResponse:

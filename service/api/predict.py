@@ -16,7 +16,7 @@ from service.api.schemas import ERROR_RESPONSES, PREDICT_REQUEST_BODY, MMSPredic
 from service.api.state import ServedModel, ServerState
 from service.api.uploads import UploadLimits, read_images
 from service.batching import Ticket
-from service.errors import ClientDisconnected, DeadlineExceeded, InvalidInput, ServeError
+from service.errors import ClientDisconnected, DeadlineExceeded, InvalidInput, ServeError, UploadTimeout
 from service.imaging import preprocess
 from service.postprocessing import ClassScore, top_k
 
@@ -72,7 +72,8 @@ async def _handle(request: Request, model: str, topk: int, *, route: str, format
         return JSONResponse(formatter(results))
     except ServeError as exc:
         code = exc.status
-        if exc.reject_reason in ("bad_input", "too_large") and model_label != "unknown":
+        counted_by_batcher = exc.reject_reason in ("queue_full",) or isinstance(exc, DeadlineExceeded)
+        if exc.reject_reason is not None and not counted_by_batcher and model_label != "unknown":
             metrics.rejected.labels(model_label, exc.reject_reason).inc()
         raise
     except ClientDisconnected:
@@ -92,16 +93,23 @@ async def _classify(request: Request, state: ServerState, served: ServedModel, t
         raise InvalidInput(f"topk must be between 1 and {len(labels)} for {served.name}, got {topk}")
     loop = asyncio.get_running_loop()
     deadline = loop.time() + settings.request_timeout_s
+    upload_deadline = min(deadline, loop.time() + settings.upload_timeout_s)
     # Admit before reading the body: an overloaded server refuses in microseconds.
     with served.batcher.reserve(1) as reservation:
         limits = UploadLimits(max_bytes=settings.max_upload_bytes, max_images=settings.max_images_per_request)
         try:
-            uploads = await read_images(
-                request.headers.get("content-type", ""),
-                request.headers.get("content-length"),
-                request.stream(),
-                limits,
-            )
+            # A stalled upload must not hold its queue slot: the body gets a deadline of its own.
+            async with asyncio.timeout_at(upload_deadline):
+                uploads = await read_images(
+                    request.headers.get("content-type", ""),
+                    request.headers.get("content-length"),
+                    request.stream(),
+                    limits,
+                )
+        except TimeoutError:
+            raise UploadTimeout(
+                f"the upload did not arrive within {min(settings.upload_timeout_s, settings.request_timeout_s):g} s"
+            ) from None
         except ClientDisconnect:
             state.metrics.rejected.labels(served.name, "disconnected").inc()
             raise ClientDisconnected() from None
