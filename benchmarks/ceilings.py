@@ -35,6 +35,7 @@ class ForwardCeiling:
     img_s: float
     median_batch_ms: float
     iterations: int
+    cpu_ms_per_img: float = 0.0  # CPU time (all threads) per image: steadier than img/s on a busy machine
 
 
 @dataclass
@@ -70,10 +71,12 @@ def forward_ceiling(
         for _ in range(warmup):
             model(x)
         stop_at = time.perf_counter() + seconds
+        cpu0 = time.process_time()
         while (time.perf_counter() < stop_at or len(times) < 3) and len(times) < 10_000:
             started = time.perf_counter()
             model(x)
             times.append(time.perf_counter() - started)
+        cpu = time.process_time() - cpu0
     return ForwardCeiling(
         arch=arch,
         threads=threads,
@@ -81,6 +84,7 @@ def forward_ceiling(
         img_s=batch_size * len(times) / sum(times),
         median_batch_ms=1000 * statistics.median(times),
         iterations=len(times),
+        cpu_ms_per_img=1000 * cpu / (batch_size * len(times)),
     )
 
 
@@ -152,10 +156,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch intra-op threads")
     parser.add_argument("--batch-sizes", default="8,1")
     parser.add_argument("--seconds", type=float, default=3.0, help="seconds per measurement")
+    parser.add_argument("--no-decode", action="store_true", help="forward ceilings only")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.batch_sizes.split(",") if s.strip()]
-    result = measure(args.model, threads=args.threads, batch_sizes=sizes, seconds=args.seconds)
+    result = measure(
+        args.model, threads=args.threads, batch_sizes=sizes, seconds=args.seconds, decode=not args.no_decode
+    )
     print(format_ceilings(result))
     if args.json:
         with open(args.json, "w") as out:

@@ -33,6 +33,7 @@ import uuid
 from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -132,7 +133,8 @@ class RawConnection:
         raise AssertionError("unreachable")
 
     async def _exchange(self, payload: bytes) -> tuple[int, bytes]:
-        assert self._reader is not None and self._writer is not None
+        assert self._reader is not None
+        assert self._writer is not None
         self._writer.write(payload)
         await self._writer.drain()
         try:
@@ -301,7 +303,8 @@ class ServerStats:
             mean_inference_per_batch_s=mean_inference,
             inference_busy_s=inference_busy,
             preprocess_busy_s=preprocess_busy,
-            cpu_s=delta("process_cpu_seconds_total"),
+            cpu_s=_sum_matching(after, "process_cpu_seconds_total", None)
+            - _sum_matching(before, "process_cpu_seconds_total", None),
         )
 
 
@@ -546,10 +549,9 @@ def parse_levels(text: str) -> list[int]:
 def wait_ready(url: str, path: str = "/ping", timeout_s: float = 120.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        with contextlib.suppress(OSError):
-            with urllib.request.urlopen(url + path, timeout=2) as response:
-                if response.status == 200:
-                    return
+        with contextlib.suppress(OSError), urllib.request.urlopen(url + path, timeout=2) as response:
+            if response.status == 200:
+                return
         time.sleep(0.25)
     raise TimeoutError(f"{url}{path} did not answer 200 within {timeout_s:.0f} s")
 
@@ -618,8 +620,7 @@ async def _main_async(args: argparse.Namespace) -> int:
         print()
         print(format_side_by_side(pairs))
     if args.json:
-        with open(args.json, "w") as out:
-            json.dump([r.summary() for r in results], out, indent=2, default=str)
+        Path(args.json).write_text(json.dumps([r.summary() for r in results], indent=2, default=str))  # noqa: ASYNC240
     return 0
 
 
