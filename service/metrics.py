@@ -19,7 +19,7 @@ ROUTES = ("predict", "predictions")
 REJECT_REASONS = ("queue_full", "deadline", "disconnected", "bad_input", "too_large")
 # Every status a model route can answer, created up front so that the first error of a kind is an
 # increase that rate() sees, not the birth of a series that it misses.
-STATUS_CODES = ("200", "400", "404", "413", "415", "429", "499", "500", "503", "504", "507")
+STATUS_CODES = ("200", "400", "404", "408", "413", "415", "429", "499", "500", "503", "504", "507")
 
 # End-to-end latency on a CPU runs to seconds under load; on a GPU it is milliseconds.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 10, 30)

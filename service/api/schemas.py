@@ -74,6 +74,7 @@ def _error(description: str) -> dict[str, Any]:
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: _error("Missing, empty, undecodable or oversized-in-pixels image; bad `topk`; malformed body"),
     404: _error("No such model is loaded"),
+    408: _error("The body did not arrive within `upload_timeout_s`"),
     413: _error("The upload is over `max_upload_bytes`"),
     415: _error("The upload is not an image in a supported format"),
     429: _error("The model's queue is full; retry after the `Retry-After` header's seconds"),
