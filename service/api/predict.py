@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Annotated, Any
@@ -72,6 +73,8 @@ async def _handle(request: Request, model: str, topk: int, *, route: str, format
         return JSONResponse(formatter(results))
     except ServeError as exc:
         code = exc.status
+        if not getattr(request.state, "body_read", False):
+            await _linger(request, state.settings.max_upload_bytes)
         counted_by_batcher = exc.reject_reason in ("queue_full",) or isinstance(exc, DeadlineExceeded)
         if exc.reject_reason is not None and not counted_by_batcher and model_label != "unknown":
             metrics.rejected.labels(model_label, exc.reject_reason).inc()
@@ -97,6 +100,7 @@ async def _classify(request: Request, state: ServerState, served: ServedModel, t
     # Admit before reading the body: an overloaded server refuses in microseconds.
     with served.batcher.reserve(1) as reservation:
         limits = UploadLimits(max_bytes=settings.max_upload_bytes, max_images=settings.max_images_per_request)
+        request.state.body_read = True
         try:
             # A stalled upload must not hold its queue slot: the body gets a deadline of its own.
             async with asyncio.timeout_at(upload_deadline):
@@ -119,6 +123,24 @@ async def _classify(request: Request, state: ServerState, served: ServedModel, t
         tickets = [reservation.submit(image, deadline=deadline) for image in images]
     probabilities = await _wait_for(tickets, deadline, request.receive)
     return [top_k(p, labels, topk) for p in probabilities]
+
+
+async def _linger(request: Request, max_bytes: int, timeout_s: float = 1.0) -> None:
+    """Read and drop the body before an early refusal on a connection that will close.
+
+    Closing a socket that still holds unread request bytes makes the kernel send a reset, which can
+    destroy the 429 or 503 before the client reads it; a client that sees a reset retries at once
+    instead of honouring Retry-After. Keep-alive connections need nothing: uvicorn discards the rest
+    of the body itself. Bounded in bytes and time, so it cannot become a way to hold the server.
+    """
+    closing = request.headers.get("connection", "").lower() == "close" or request.scope.get("http_version") == "1.0"
+    declared = request.headers.get("content-length", "")
+    if not closing or not declared.isdigit() or int(declared) > max_bytes:
+        return
+    with contextlib.suppress(TimeoutError, ClientDisconnect):
+        async with asyncio.timeout(timeout_s):
+            async for _ in request.stream():
+                pass
 
 
 async def _preprocess_all(state: ServerState, served: ServedModel, uploads: list[bytes]) -> list[torch.Tensor]:

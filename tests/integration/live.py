@@ -137,9 +137,11 @@ async def raw_exchange(port: int, request: bytes) -> tuple[int, float]:
         writer.write(request)
         await writer.drain()
         response = await reader.read()
+    except ConnectionError:  # a reset instead of an answer: status 0, for the caller to count
+        return 0, time.perf_counter() - started
     finally:
         writer.close()
-    return int(response[9:12]), time.perf_counter() - started
+    return int(response[9:12]) if response else 0, time.perf_counter() - started
 
 
 async def open_loop(port: int, request: bytes, *, rate: float, duration_s: float) -> list[tuple[int, float]]:
