@@ -95,8 +95,10 @@ PREDICT_REQUEST_BODY: dict[str, Any] = {
                     "properties": {
                         "data": {
                             "type": "array",
+                            "minItems": 1,
                             "items": {"type": "string", "format": "binary"},
-                            "description": "One or more images (JPEG, PNG, GIF, WebP, BMP, TIFF)",
+                            "description": "One or more images (JPEG, PNG, GIF, WebP, BMP, TIFF, PPM, ICO), "
+                            "at most `max_images_per_request` (default 64)",
                         }
                     },
                 }
