@@ -94,6 +94,26 @@ def raw_request(target: Target, photo: Photo) -> bytes:
     return head + body
 
 
+async def one_shot(port: int, request: bytes, *, hang_up: bool = False, timeout_s: float = 120) -> str:
+    """Send a whole `Connection: close` request on a fresh connection and return the status as text
+    ('refused', 'error' for a reset or timeout, 'hung-up' when told to leave without reading)."""
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    except OSError:
+        return "refused"
+    try:
+        writer.write(request)
+        await writer.drain()
+        if hang_up:
+            return "hung-up"
+        response = await asyncio.wait_for(reader.read(), timeout=timeout_s)
+        return response[9:12].decode() or "empty"
+    except (OSError, TimeoutError):
+        return "error"
+    finally:
+        writer.close()
+
+
 # -- a minimal keep-alive HTTP/1.1 client ---------------------------------------------------------
 
 

@@ -18,25 +18,14 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from benchmarks.loadgen import Target, percentile, raw_request, run_level, scrape
+from benchmarks.loadgen import Target, one_shot, percentile, raw_request, run_level, scrape
 from benchmarks.photos import load_photos
 from benchmarks.run import ServerConfig, free_port, server_process, write_weights
 
 
-async def _exchange(port: int, request: bytes) -> tuple[str, float]:
+async def _timed(port: int, request: bytes) -> tuple[str, float]:
     started = time.perf_counter()
-    try:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    except OSError:
-        return "refused", time.perf_counter() - started
-    try:
-        writer.write(request)
-        await writer.drain()
-        status = (await asyncio.wait_for(reader.read(), timeout=120))[9:12].decode() or "empty"
-    except (OSError, TimeoutError):
-        status = "error"
-    finally:
-        writer.close()
+    status = await one_shot(port, request)
     return status, time.perf_counter() - started
 
 
@@ -45,7 +34,7 @@ async def burst(port: int, requests: list[bytes], rate: float, duration_s: float
     start = time.perf_counter()
     while (elapsed := time.perf_counter() - start) < duration_s:
         for _ in range(int(elapsed * rate) + 1 - len(tasks)):
-            tasks.append(asyncio.create_task(_exchange(port, requests[len(tasks) % len(requests)])))
+            tasks.append(asyncio.create_task(_timed(port, requests[len(tasks) % len(requests)])))
         await asyncio.sleep(0.002)
     return list(await asyncio.gather(*tasks))
 

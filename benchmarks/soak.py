@@ -22,6 +22,8 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from benchmarks.loadgen import one_shot
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_IMAGES = REPO.parent / "shared" / "data" / "images"
 BOUNDARY = b"soakb0undary"
@@ -64,24 +66,6 @@ def request_mix(max_upload_bytes: int) -> list[tuple[str, bytes, bool]]:
     ]
 
 
-async def _exchange(port: int, data: bytes, hang_up: bool) -> str:
-    try:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    except OSError:
-        return "refused"
-    try:
-        writer.write(data)
-        await writer.drain()
-        if hang_up:
-            return "hung-up"
-        response = await asyncio.wait_for(reader.read(), timeout=60)
-        return response[9:12].decode() or "empty"
-    except (OSError, TimeoutError):
-        return "error"
-    finally:
-        writer.close()
-
-
 def _proc_stats(pid: int) -> tuple[float, int, int]:
     rss_kib = next(
         int(line.split()[1])
@@ -102,7 +86,7 @@ async def soak(port: int, pid: int, *, total: int, every: int, concurrency: int,
         while done < until:
             done += 1
             _, data, hang_up = next(mix)
-            statuses[await _exchange(port, data, hang_up)] += 1
+            statuses[await one_shot(port, data, hang_up=hang_up, timeout_s=60)] += 1
 
     while done < total:
         target = min(total, done + every)

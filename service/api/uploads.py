@@ -110,15 +110,18 @@ async def read_images(
     return [raw]
 
 
-async def _read_capped(body: AsyncIterator[bytes], limits: UploadLimits) -> bytes:
-    chunks: list[bytes] = []
+async def _capped(body: AsyncIterator[bytes], limits: UploadLimits) -> AsyncIterator[bytes]:
+    """The body's chunks, refused with 413 at the first one past the byte cap."""
     total = 0
     async for chunk in body:
         total += len(chunk)
         if total > limits.max_bytes:
             raise _too_large(limits, None)
-        chunks.append(chunk)
-    return b"".join(chunks)
+        yield chunk
+
+
+async def _read_capped(body: AsyncIterator[bytes], limits: UploadLimits) -> bytes:
+    return b"".join([chunk async for chunk in _capped(body, limits)])
 
 
 async def _read_multipart(boundary: bytes | None, body: AsyncIterator[bytes], limits: UploadLimits) -> list[bytes]:
@@ -127,11 +130,7 @@ async def _read_multipart(boundary: bytes | None, body: AsyncIterator[bytes], li
     collector = _MultipartCollector(limits)
     try:
         parser = MultipartParser(boundary, collector.callbacks())  # type: ignore[arg-type]
-        total = 0
-        async for chunk in body:
-            total += len(chunk)
-            if total > limits.max_bytes:
-                raise _too_large(limits, None)
+        async for chunk in _capped(body, limits):
             parser.write(chunk)
         parser.finalize()
     except MultipartParseError as exc:
