@@ -17,7 +17,14 @@ from service.api.schemas import ERROR_RESPONSES, PREDICT_REQUEST_BODY, MMSPredic
 from service.api.state import ServedModel, ServerState
 from service.api.uploads import UploadLimits, read_images
 from service.batching import Ticket
-from service.errors import ClientDisconnected, DeadlineExceeded, InvalidInput, ServeError, UploadTimeout
+from service.errors import (
+    ClientDisconnected,
+    DeadlineExceeded,
+    InvalidInput,
+    QueueFull,
+    ServeError,
+    UploadTimeout,
+)
 from service.imaging import preprocess
 from service.postprocessing import ClassScore, top_k
 
@@ -75,7 +82,8 @@ async def _handle(request: Request, model: str, topk: int, *, route: str, format
         code = exc.status
         if not getattr(request.state, "body_read", False):
             await _linger(request, state.settings.max_upload_bytes)
-        counted_by_batcher = exc.reject_reason in ("queue_full",) or isinstance(exc, DeadlineExceeded)
+        # The batcher counts its own refusals (queue full) and drops (deadline) as they happen.
+        counted_by_batcher = isinstance(exc, QueueFull | DeadlineExceeded)
         if exc.reject_reason is not None and not counted_by_batcher and model_label != "unknown":
             metrics.rejected.labels(model_label, exc.reject_reason).inc()
         raise
