@@ -11,6 +11,7 @@ from enum import StrEnum
 
 import torch
 
+from service import memory
 from service.batching import MicroBatcher
 from service.config import Settings
 from service.errors import ModelNotFound, ServiceUnavailable
@@ -48,6 +49,7 @@ class ServerState:
         self.models: dict[str, ServedModel] = {}
         self.configured_models = {spec.name for name in settings.models if (spec := find_spec(name)) is not None}
         self.started_at = time.monotonic()
+        self._trimmer: asyncio.Task[None] | None = None
         self.decode_pool = ThreadPoolExecutor(max_workers=settings.decode_workers or 1, thread_name_prefix="decode")
         # One forward at a time per device: concurrent forwards only fight over the same cores.
         self.forward_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
@@ -75,6 +77,7 @@ class ServerState:
         ).set(1)
 
     def mark_ready(self) -> None:
+        self._trimmer = asyncio.get_running_loop().create_task(self._give_back_memory_periodically())
         self.phase = Phase.READY
         self.metrics.ready.set(1)
         logger.info("ready: serving %s on %s", ", ".join(self.models), self.device)
@@ -93,7 +96,16 @@ class ServerState:
         for served in self.models.values():
             served.batcher.stop_admitting()
 
+    async def _give_back_memory_periodically(self, interval_s: float = 10.0) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(interval_s)
+            # On the forward thread, so it never runs during a forward.
+            await loop.run_in_executor(self.forward_pool, memory.give_back_free_memory)
+
     async def close(self) -> None:
+        if self._trimmer is not None:
+            self._trimmer.cancel()
         self.begin_drain()
         grace = self.settings.shutdown_grace_s
         for served in self.models.values():

@@ -61,3 +61,15 @@ def test_gpu_memory_collector_reads_torch_cuda(monkeypatch: pytest.MonkeyPatch):
     assert registry.get_sample_value("resnet_serve_gpu_memory_allocated_bytes", {"device": "cuda:1"}) == 2048
     assert registry.get_sample_value("resnet_serve_gpu_memory_reserved_bytes", {"device": "cuda:0"}) == 4096
     assert registry.get_sample_value("resnet_serve_gpu_utilization_ratio", {"device": "cuda:0"}) is None
+
+
+def test_memory_helpers_run_on_this_platform(monkeypatch: pytest.MonkeyPatch):
+    from service import memory
+
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    memory.limit_arenas()  # an explicit setting wins: nothing to do, and no error
+    monkeypatch.delenv("MALLOC_ARENA_MAX")
+    memory.limit_arenas()
+    buffers = [bytearray(1 << 20) for _ in range(64)]
+    del buffers
+    assert isinstance(memory.give_back_free_memory(), bool)
