@@ -15,7 +15,7 @@ from starlette.requests import ClientDisconnect
 
 from service.api.schemas import ERROR_RESPONSES, PREDICT_REQUEST_BODY, MMSPrediction, TorchServePrediction
 from service.api.state import ServedModel, ServerState
-from service.api.uploads import UploadLimits, read_images
+from service.api.uploads import read_images
 from service.batching import Ticket
 from service.errors import (
     ClientDisconnected,
@@ -107,7 +107,6 @@ async def _classify(request: Request, state: ServerState, served: ServedModel, t
     upload_deadline = min(deadline, loop.time() + settings.upload_timeout_s)
     # Admit before reading the body: an overloaded server refuses in microseconds.
     with served.batcher.reserve(1) as reservation:
-        limits = UploadLimits(max_bytes=settings.max_upload_bytes, max_images=settings.max_images_per_request)
         request.state.body_read = True
         try:
             # A stalled upload must not hold its queue slot: the body gets a deadline of its own.
@@ -116,7 +115,7 @@ async def _classify(request: Request, state: ServerState, served: ServedModel, t
                     request.headers.get("content-type", ""),
                     request.headers.get("content-length"),
                     request.stream(),
-                    limits,
+                    state.upload_limits,
                 )
         except TimeoutError:
             raise UploadTimeout(

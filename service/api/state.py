@@ -12,6 +12,7 @@ from enum import StrEnum
 import torch
 
 from service import memory
+from service.api.uploads import UploadLimits
 from service.batching import MicroBatcher
 from service.config import Settings
 from service.errors import ModelNotFound, ServiceUnavailable
@@ -50,6 +51,9 @@ class ServerState:
         self.configured_models = {spec.name for name in settings.models if (spec := find_spec(name)) is not None}
         self.started_at = time.monotonic()
         self._trimmer: asyncio.Task[None] | None = None
+        self.upload_limits = UploadLimits(
+            max_bytes=settings.max_upload_bytes, max_images=settings.max_images_per_request
+        )
         self.decode_pool = ThreadPoolExecutor(max_workers=settings.decode_workers or 1, thread_name_prefix="decode")
         # One forward at a time per device: concurrent forwards only fight over the same cores.
         self.forward_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
