@@ -4,6 +4,9 @@ Shape borrowed from Ray Serve's batcher: the window opens when the first item ar
 the batch is full or `max_delay_s` has passed; an event wakes the collector; abandoned items are
 skipped; the handler's output length is checked; an exception reaches every member of the batch.
 
+`max_in_flight` batches may be in the handler at once (1 by default). With 2, the next batch is taken
+and handed over while the current one computes, so a GPU handler can copy it to the device meanwhile.
+
 Admission is separate from submission so that the HTTP edge can refuse a request *before* it reads
 and decodes the body: `reserve()` takes slots up front, `Reservation.submit()` spends them.
 """
@@ -112,19 +115,24 @@ class MicroBatcher(Generic[InT, OutT]):
         max_queue_size: int,
         observer: BatchObserver | None = None,
         name: str = "batcher",
+        max_in_flight: int = 1,
     ) -> None:
-        if max_batch_size < 1 or max_queue_size < 1 or max_delay_s < 0:
-            raise ValueError("max_batch_size and max_queue_size must be >= 1, max_delay_s >= 0")
+        if max_batch_size < 1 or max_queue_size < 1 or max_delay_s < 0 or max_in_flight < 1:
+            raise ValueError("max_batch_size, max_queue_size and max_in_flight must be >= 1, max_delay_s >= 0")
         self.name = name
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
         self.max_queue_size = max_queue_size
+        self.max_in_flight = max_in_flight
         self._handler = handler
         self._observer: BatchObserver = observer or NullObserver()
         self._queue: deque[Ticket[InT, OutT]] = deque()
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
+        self._busy = 0  # batches being collected or in the handler
+        self._in_flight_slots = asyncio.Semaphore(max_in_flight)
+        self._runs: set[asyncio.Task[None]] = set()
         self._slots_in_use = 0
         self._closing = False
         self._task: asyncio.Task[None] | None = None
@@ -156,11 +164,12 @@ class MicroBatcher(Generic[InT, OutT]):
                     self._wakeup.set()
                     await self._idle.wait()
                     await asyncio.sleep(0)
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        for task in [self._task, *self._runs]:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._task = None
         while self._queue:
             ticket = self._queue.popleft()
             if not ticket.future.done():
@@ -218,14 +227,38 @@ class MicroBatcher(Generic[InT, OutT]):
             while not self._queue:
                 self._wakeup.clear()
                 await self._wakeup.wait()
-            self._idle.clear()
+            # Only take a batch the handler can start: with one in flight, the queue fills up
+            # behind the running forward and the next batch is as full as it can be.
+            await self._in_flight_slots.acquire()
+            self._begin()
+            handed_over = False
             try:
                 await self._fill_window(loop)
                 batch = self._take_batch(loop)
                 if batch:
-                    await self._run(batch, loop)
+                    run = loop.create_task(self._run_then_release(batch, loop), name=f"{self.name}-run")
+                    self._runs.add(run)
+                    run.add_done_callback(self._runs.discard)
+                    handed_over = True
             finally:
-                self._idle.set()
+                if not handed_over:
+                    self._end()
+
+    def _begin(self) -> None:
+        self._busy += 1
+        self._idle.clear()
+
+    def _end(self) -> None:
+        self._in_flight_slots.release()
+        self._busy -= 1
+        if self._busy == 0:
+            self._idle.set()
+
+    async def _run_then_release(self, batch: list[Ticket[InT, OutT]], loop: asyncio.AbstractEventLoop) -> None:
+        try:
+            await self._run(batch, loop)
+        finally:
+            self._end()
 
     async def _fill_window(self, loop: asyncio.AbstractEventLoop) -> None:
         # The window opened when the oldest item arrived: items that queued up during the previous

@@ -32,6 +32,10 @@ SERVE_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--device", "device", str, "auto (CUDA when available), cpu, cuda or cuda:N"),
     ("--max-batch-size", "max_batch_size", int, "images per forward at most (default 8 on CPU, 64 on GPU)"),
     ("--max-delay-ms", "max_delay_ms", float, "how long a batch waits to fill (default 2 on CPU, 5 on GPU)"),
+    ("--batch-buckets", "batch_buckets", str,
+     "sizes batches are padded to, e.g. 1,2,4,8, or off (default: powers of 2 on GPU, off on CPU)"),
+    ("--max-batches-in-flight", "max_batches_in_flight", int,
+     "batches handed to the device at once; 2 overlaps copy and compute (default 2 on GPU, 1 on CPU)"),
     ("--max-queue-size", "max_queue_size", int, "admitted images waiting per model (default 8 x batch)"),
     ("--request-timeout-s", "request_timeout_s", float, "deadline of a request from arrival (default 30)"),
     ("--upload-timeout-s", "upload_timeout_s", float, "time for a body to arrive; then 408 (default 10)"),
@@ -68,6 +72,15 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=None, help="log each request")
     serve.add_argument(
         "--channels-last", action=argparse.BooleanOptionalAction, default=None, help="channels_last memory format"
+    )
+    serve.add_argument(
+        "--cuda-graphs",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="capture one CUDA graph per batch bucket at startup (default: on with CUDA)",
+    )
+    serve.add_argument(
+        "--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model (default off)"
     )
     serve.set_defaults(handler=_serve)
 
@@ -118,6 +131,8 @@ def _serve(args: argparse.Namespace) -> int:
     overrides = {field: getattr(args, flag.lstrip("-").replace("-", "_")) for flag, field, _, _ in SERVE_FLAGS}
     overrides["access_log"] = args.access_log
     overrides["channels_last"] = args.channels_last
+    overrides["cuda_graphs"] = args.cuda_graphs
+    overrides["compile"] = args.compile
     try:
         settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
         resolve_specs(settings.models)
@@ -140,7 +155,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     try:
         app = create_app(settings, background_load=True, on_startup_failure=stop_on_failure)
-    except RuntimeError as exc:  # e.g. --device cuda without CUDA
+    except (RuntimeError, ValueError) as exc:  # e.g. --device cuda without CUDA, graphs on a CPU
         print(f"resnet-serve: {exc}", file=sys.stderr)
         return 2
     config = uvicorn.Config(

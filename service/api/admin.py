@@ -77,6 +77,10 @@ def describe(state: ServerState, served: ServedModel) -> ModelInfo:
             batches_run=batcher.batches_run,
             images_run=batcher.items_run,
             mean_batch_size=batcher.items_run / batcher.batches_run if batcher.batches_run else 0.0,
+            max_batches_in_flight=batcher.max_in_flight,
+            buckets=list(loaded.runner.plan.buckets),
+            cuda_graphs=loaded.runner.plan.cuda_graphs,
+            compiled=loaded.runner.plan.compile,
         ),
         weights=WeightsInfo(
             file=weights.path.name,

@@ -39,6 +39,10 @@ class BatchingInfo(BaseModel):
     batches_run: int
     images_run: int
     mean_batch_size: float
+    max_batches_in_flight: int
+    buckets: list[int] = Field(description="sizes a batch is padded up to; empty: each runs at its own size")
+    cuda_graphs: bool
+    compiled: bool
 
 
 class WeightsInfo(BaseModel):

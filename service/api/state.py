@@ -57,13 +57,21 @@ class ServerState:
         self.decode_pool = ThreadPoolExecutor(max_workers=settings.decode_workers or 1, thread_name_prefix="decode")
         # One forward at a time per device: concurrent forwards only fight over the same cores.
         self.forward_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
+        # With more than one batch in flight, staging (stack, pin, copy to the device) gets its own
+        # thread so it overlaps the forward; with one, a second thread would only add a hand-off.
+        self.stage_pool = self.forward_pool
+        if settings.in_flight > 1:
+            self.stage_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stage")
 
     def add_model(self, loaded: LoadedModel) -> None:
         runner = loaded.runner
         loop = asyncio.get_running_loop()
 
         async def forward(images: list[torch.Tensor]) -> list[torch.Tensor]:
-            return await loop.run_in_executor(self.forward_pool, runner.predict, images)
+            if self.stage_pool is self.forward_pool:
+                return await loop.run_in_executor(self.forward_pool, runner.predict, images)
+            staged = await loop.run_in_executor(self.stage_pool, runner.stage, images)
+            return await loop.run_in_executor(self.forward_pool, runner.run, staged)
 
         batcher: MicroBatcher[torch.Tensor, torch.Tensor] = MicroBatcher(
             forward,
@@ -72,6 +80,7 @@ class ServerState:
             max_queue_size=self.settings.queue_size,
             observer=self.metrics.observer(loaded.name),
             name=f"batcher-{loaded.name}",
+            max_in_flight=self.settings.in_flight,
         )
         batcher.start()
         self.models[loaded.name] = ServedModel(loaded, batcher)
@@ -117,6 +126,8 @@ class ServerState:
             if left:
                 logger.warning("%s: %d queued images were not served within the grace period", served.name, left)
         self.decode_pool.shutdown(wait=False, cancel_futures=True)
+        if self.stage_pool is not self.forward_pool:
+            self.stage_pool.shutdown(wait=False, cancel_futures=True)
         # A forward still running must finish before the process exits; wait off the loop.
         await asyncio.to_thread(self.forward_pool.shutdown, wait=True, cancel_futures=True)
 

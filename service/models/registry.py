@@ -14,7 +14,7 @@ from service.errors import StartupError
 from service.imaging import Preprocessing
 from service.models.catalog import ModelSpec, find_spec, known_names
 from service.models.labels import labels_for
-from service.models.runner import DTYPES, ModelRunner
+from service.models.runner import DTYPES, ExecutionPlan, ModelRunner
 from service.models.weights import (
     Origin,
     WeightsFile,
@@ -91,6 +91,7 @@ def load_model(spec: ModelSpec, weights: WeightsFile, settings: Settings, device
         device=device,
         dtype=DTYPES[settings.dtype],
         channels_last=settings.channels_last,
+        plan=ExecutionPlan(buckets=settings.buckets, cuda_graphs=bool(settings.cuda_graphs), compile=settings.compile),
     )
     labels = labels_for(spec.name, weights.path, runner.num_classes)
     if weights.origin is Origin.RANDOM_INIT:

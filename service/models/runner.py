@@ -1,16 +1,24 @@
-"""One forward per batch on the device: uint8 images in, class probabilities out."""
+"""One forward per batch on the device: uint8 images in, class probabilities out.
+
+A batch goes through two steps, so that on a GPU they can overlap across batches:
+`stage` stacks the images into (pinned) host memory and starts their copy to the device on a copy
+stream; `run` computes on the compute stream once that copy is done and brings the probabilities back.
+While batch N computes, batch N+1 is staged: its host-to-device copy hides behind N's kernels.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from service.errors import InsufficientStorage
 from service.imaging import Preprocessing
+from service.models.cuda_graphs import GraphedForward
 
 logger = logging.getLogger(__name__)
 
@@ -26,8 +34,43 @@ def pick_device(requested: str) -> torch.device:
     return device
 
 
+@dataclass(frozen=True)
+class ExecutionPlan:
+    """How batches run. `buckets`: the batch sizes a forward is padded up to (empty: each batch runs
+    at its own size); `cuda_graphs`: one captured graph per bucket; `compile`: torch.compile first."""
+
+    buckets: tuple[int, ...] = ()
+    cuda_graphs: bool = False
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        if list(self.buckets) != sorted(set(self.buckets)) or any(size < 1 for size in self.buckets):
+            raise ValueError(f"buckets must be distinct positive sizes in ascending order, got {self.buckets}")
+        if self.cuda_graphs and not self.buckets:
+            raise ValueError("CUDA graphs need batch buckets: a graph is captured for fixed shapes")
+
+    def bucket_for(self, count: int) -> int:
+        """The smallest bucket that holds `count` images; `count` itself without buckets."""
+        for size in self.buckets:
+            if size >= count:
+                return size
+        if self.buckets:
+            raise ValueError(f"a batch of {count} is larger than the largest bucket ({self.buckets[-1]})")
+        return count
+
+
+@dataclass(frozen=True)
+class StagedBatch:
+    """A batch on its way to the device: `count` real images, padded to the bucket's size."""
+
+    count: int
+    images: torch.Tensor
+    copied: torch.cuda.Event | None = None
+
+
 class ModelRunner:
-    """Holds a model on its device. Not thread-safe: the caller runs one forward at a time."""
+    """Holds a model on its device. `stage` and `run` may be called from two different threads, but
+    each from one thread at a time."""
 
     def __init__(
         self,
@@ -37,17 +80,32 @@ class ModelRunner:
         device: torch.device,
         dtype: torch.dtype = torch.float32,
         channels_last: bool = True,
+        plan: ExecutionPlan | None = None,
     ) -> None:
         self.device = device
         self.dtype = dtype
         self.channels_last = channels_last
+        self.plan = plan or ExecutionPlan()
         self.crop_size = preprocessing.crop_size
+        self._on_cuda = device.type == "cuda"
+        if self.plan.cuda_graphs and not self._on_cuda:
+            raise ValueError(f"CUDA graphs were asked for, but the model runs on {device}")
+        if self._on_cuda and self.plan.buckets:
+            # A few fixed shapes, each warmed before serving: cuDNN can afford to time its algorithms.
+            torch.backends.cudnn.benchmark = True
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.model = model.eval().to(device).to(memory_format=memory_format)
+        self._compute: Callable[[torch.Tensor], torch.Tensor] = self.model
+        if self.plan.compile:
+            # Static shapes: buckets give a handful of sizes, each compiled once during warm-up.
+            self._compute = torch.compile(self.model, dynamic=False)
         # Normalising on the device keeps the host-to-device copy at one byte a sample.
         self._mean = torch.tensor(preprocessing.mean, device=device).view(1, 3, 1, 1)
         self._std = torch.tensor(preprocessing.std, device=device).view(1, 3, 1, 1)
-        self._on_cuda = device.type == "cuda"
+        self._copy_stream: torch.cuda.Stream | None = None
+        if self._on_cuda:
+            self._copy_stream = torch.cuda.Stream(device=device)  # type: ignore[no-untyped-call]
+        self._graphs: dict[int, GraphedForward] = {}
 
     @property
     def num_classes(self) -> int:
@@ -57,12 +115,61 @@ class ModelRunner:
 
     def predict(self, images: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Probabilities (float32, on the CPU) for each (3, H, W) uint8 image, in order."""
-        batch = torch.stack(list(images))
+        return self.run(self.stage(images))
+
+    def stage(self, images: Sequence[torch.Tensor]) -> StagedBatch:
+        count = len(images)
+        size = self.plan.bucket_for(count)
+        first = images[0]
+        # Pinned memory: the copy to the GPU can then run asynchronously, overlapping compute.
+        host = torch.empty((size, *first.shape), dtype=first.dtype, pin_memory=self._on_cuda)
+        torch.stack(list(images), out=host[:count])
+        if size > count:
+            host[count:].zero_()  # padding rows: any values would do; zeros keep runs reproducible
+        if self._copy_stream is None:
+            return StagedBatch(count, host)
+        with torch.cuda.stream(self._copy_stream):
+            on_device = host.to(self.device, non_blocking=True)
+            copied = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            copied.record(self._copy_stream)
+        return StagedBatch(count, on_device, copied)
+
+    @torch.inference_mode()
+    def run(self, staged: StagedBatch) -> list[torch.Tensor]:
+        batch = staged.images
+        if staged.copied is not None:
+            compute_stream = torch.cuda.current_stream(self.device)
+            compute_stream.wait_event(staged.copied)
+            # The tensor was allocated on the copy stream; tell the allocator it is used here too.
+            batch.record_stream(compute_stream)
         try:
-            probabilities = self._forward(batch)
+            probabilities = self._probabilities(batch)
         except torch.cuda.OutOfMemoryError:
             probabilities = self._forward_split(batch)
-        return list(probabilities.unbind(0))
+        # .cpu() waits for the device, so the caller's timing includes the whole forward.
+        return list(probabilities[: staged.count].cpu().unbind(0))
+
+    def warm_up(self, batch_sizes: Sequence[int]) -> None:
+        """Run (and with CUDA graphs, capture) every bucket once, so no request pays for it."""
+        sizes = set(self.plan.buckets) or set(batch_sizes)
+        for size in sorted(sizes, reverse=True):  # the largest first: the memory peak shows at once
+            blank = torch.zeros(3, self.crop_size, self.crop_size, dtype=torch.uint8)
+            staged = self.stage([blank] * size)
+            if self.plan.cuda_graphs:
+                self._capture(staged)
+            self.run(staged)
+
+    def _capture(self, staged: StagedBatch) -> None:
+        size = staged.images.shape[0]
+        if staged.copied is not None:
+            torch.cuda.current_stream(self.device).wait_event(staged.copied)
+        with torch.inference_mode():
+            self._graphs[size] = GraphedForward(self._forward, staged.images)
+        logger.debug("captured a CUDA graph for batch size %d", size)
+
+    def _probabilities(self, batch: torch.Tensor) -> torch.Tensor:
+        graph = self._graphs.get(batch.shape[0])
+        return graph(batch) if graph is not None else self._forward(batch)
 
     def _forward_split(self, batch: torch.Tensor) -> torch.Tensor:
         """On CUDA out-of-memory, retry in halves; a single image that still fails is a 507."""
@@ -79,26 +186,17 @@ class ModelRunner:
                 parts.append(self._forward_split(half))
         return torch.cat(parts)
 
-    @torch.inference_mode()
     def _forward(self, batch: torch.Tensor) -> torch.Tensor:
-        if self._on_cuda:
-            batch = batch.pin_memory().to(self.device, non_blocking=True)
         x = batch.to(torch.float32).div_(255)
         x.sub_(self._mean).div_(self._std)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
+        # No autocast weight cache: a CUDA graph must not capture casts that live outside it.
         autocast = (
-            torch.autocast(device_type=self.device.type, dtype=self.dtype)
+            torch.autocast(device_type=self.device.type, dtype=self.dtype, cache_enabled=False)
             if self.dtype != torch.float32
             else contextlib.nullcontext()
         )
         with autocast:
-            logits = self.model(x)
-        probabilities = torch.softmax(logits.float(), dim=1)
-        # .cpu() waits for the device, so the caller's timing includes the whole forward.
-        return probabilities.cpu()
-
-    def warm_up(self, batch_sizes: Sequence[int]) -> None:
-        for size in sorted(set(batch_sizes)):
-            blank = torch.zeros(3, self.crop_size, self.crop_size, dtype=torch.uint8)
-            self.predict([blank] * size)
+            logits = self._compute(x)
+        return torch.softmax(logits.float(), dim=1)

@@ -22,8 +22,17 @@ _loaded: dict[tuple[Any, ...], dict[str, LoadedModel]] = {}
 
 
 def cached_loader(settings: Settings, device: torch.device) -> dict[str, LoadedModel]:
-    """Load each (models, batch size, dtype, layout) once per test session."""
-    key = (settings.models, str(settings.weights_dir), settings.batch_size, settings.dtype, settings.channels_last)
+    """Load each (models, batch size, dtype, layout, execution plan) once per test session."""
+    key = (
+        settings.models,
+        str(settings.weights_dir),
+        settings.batch_size,
+        settings.dtype,
+        settings.channels_last,
+        settings.buckets,
+        settings.cuda_graphs,
+        settings.compile,
+    )
     if key not in _loaded:
         _loaded[key] = load_all(settings, device)
     return _loaded[key]

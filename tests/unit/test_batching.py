@@ -53,9 +53,22 @@ class Drops:
         pass
 
 
-def make(handler: Recorder, *, batch: int = 4, delay: float = FAR, queue: int = 100, observer: Drops | None = None):
+def make(
+    handler: Recorder,
+    *,
+    batch: int = 4,
+    delay: float = FAR,
+    queue: int = 100,
+    observer: Drops | None = None,
+    in_flight: int = 1,
+):
     batcher: MicroBatcher[int, int] = MicroBatcher(
-        handler, max_batch_size=batch, max_delay_s=delay, max_queue_size=queue, observer=observer
+        handler,
+        max_batch_size=batch,
+        max_delay_s=delay,
+        max_queue_size=queue,
+        observer=observer,
+        max_in_flight=in_flight,
     )
     batcher.start()
     return batcher
@@ -96,6 +109,41 @@ async def test_items_queued_during_a_forward_form_the_next_full_batch():
     await asyncio.wait_for(asyncio.gather(first.future, *(t.future for t in later)), timeout=5)
     assert handler.batches == [[0], [1, 2, 3], [4, 5, 6]]
     await batcher.close(timeout_s=1)
+
+
+async def batches_started(handler: Recorder, count: int, timeout_s: float = 5) -> None:
+    async with asyncio.timeout(timeout_s):
+        while len(handler.batches) < count:
+            handler.entered.clear()
+            await handler.entered.wait()
+
+
+async def test_with_two_in_flight_the_next_batch_is_handed_over_during_the_forward():
+    handler = Recorder(gated=True)
+    batcher = make(handler, batch=2, delay=0, in_flight=2)
+    tickets = [submit(batcher, i) for i in range(6)]
+    await batches_started(handler, 2)
+    for _ in range(20):  # however long we wait, a third batch never starts while two are running
+        await asyncio.sleep(0)
+    assert handler.batches == [[0, 1], [2, 3]]
+    handler.gate.set()
+    results = await asyncio.wait_for(asyncio.gather(*(t.future for t in tickets)), timeout=5)
+    assert results == [0, 10, 20, 30, 40, 50]
+    assert handler.batches == [[0, 1], [2, 3], [4, 5]]
+    await batcher.close(timeout_s=1)
+
+
+async def test_close_waits_for_every_batch_in_flight():
+    handler = Recorder(gated=True)
+    batcher = make(handler, batch=1, delay=0, in_flight=2)
+    tickets = [submit(batcher, i) for i in range(3)]
+    await batches_started(handler, 2)
+    closing = asyncio.create_task(batcher.close(timeout_s=5))
+    await asyncio.sleep(0.01)
+    assert not closing.done()
+    handler.gate.set()
+    assert await asyncio.wait_for(closing, timeout=5) == 0
+    assert [t.future.result() for t in tickets] == [0, 10, 20]
 
 
 async def test_a_full_queue_refuses_at_once_with_retry_after():
@@ -205,6 +253,11 @@ async def test_close_fails_what_cannot_finish_within_the_grace_period():
         await running.future
     with pytest.raises(ServiceUnavailable):
         await queued.future
+
+
+def test_settings_are_checked_including_in_flight():
+    with pytest.raises(ValueError, match="max_in_flight"):
+        MicroBatcher(Recorder(), max_batch_size=1, max_delay_s=0, max_queue_size=1, max_in_flight=0)
 
 
 def test_settings_are_checked():
