@@ -5,17 +5,21 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 from pydantic import ValidationError
 
 from service import memory
 from service.api.state import ServerState
+
+if TYPE_CHECKING:
+    from service.api.app import ModelLoader
 from service.config import Settings
 
 logger = logging.getLogger("service")
@@ -29,6 +33,8 @@ SERVE_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--random-seed", "random_seed", int, "seed for generated random-init weights (default 0)"),
     ("--host", "host", str, "address to bind (default 127.0.0.1)"),
     ("--port", "port", int, "port to bind (default 8080)"),
+    ("--workers", "workers", int,
+     "server processes on the port, each with its own model copy (default 1; more on big GPU hosts)"),
     ("--device", "device", str, "auto (CUDA when available), cpu, cuda or cuda:N"),
     ("--max-batch-size", "max_batch_size", int, "images per forward at most (default 8 on CPU, 64 on GPU)"),
     ("--max-delay-ms", "max_delay_ms", float, "how long a batch waits to fill (default 2 on CPU, 5 on GPU)"),
@@ -117,14 +123,15 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _configure_logging(level: str) -> None:
+def _configure_logging(level: str, *, worker: bool = False) -> None:
+    # With several workers, each line says which process wrote it.
+    process = " [%(process)d]" if worker else ""
     logging.basicConfig(
-        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+        level=level.upper(), format=f"%(asctime)s %(levelname)s{process} %(name)s: %(message)s", stream=sys.stderr
     )
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from service.api.app import create_app
     from service.errors import StartupError
     from service.models.registry import resolve_specs
 
@@ -143,8 +150,47 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"resnet-serve: {exc}", file=sys.stderr)
         return 2
     _configure_logging(settings.log_level)
-    memory.limit_arenas()
+    try:  # settings that only the device can judge, checked once before any worker starts
+        from service.models.runner import pick_device
 
+        settings.resolved(on_gpu=pick_device(settings.device).type == "cuda")
+    except (RuntimeError, ValueError) as exc:  # e.g. --device cuda without CUDA, graphs on a CPU
+        print(f"resnet-serve: {exc}", file=sys.stderr)
+        return 2
+    if settings.workers > 1:
+        from service.supervisor import run_workers
+
+        return run_workers(settings, serve_in_worker)
+    return _run_server(settings, listener=None)
+
+
+def serve_in_worker(settings: Settings, listener: socket.socket, wait_for_all_workers: Callable[[], None]) -> int:
+    """One of several workers (see service/supervisor.py): models load before it accepts, so that a
+    worker still loading never takes a connection from the shared socket."""
+    from service.errors import StartupError
+    from service.models.registry import load_all
+    from service.models.runner import pick_device
+
+    _configure_logging(settings.log_level, worker=True)
+    memory.limit_arenas()
+    device = pick_device(settings.device)
+    try:
+        loaded = load_all(settings.resolved(on_gpu=device.type == "cuda"), device)
+    except StartupError as exc:
+        logger.error("startup failed: %s", exc)
+        print(f"resnet-serve: startup failed: {exc}", file=sys.stderr)
+        return 1
+    wait_for_all_workers()
+    return _run_server(settings, listener=listener, load_models=lambda _settings, _device: loaded)
+
+
+def _run_server(
+    settings: Settings, *, listener: socket.socket | None = None, load_models: ModelLoader | None = None
+) -> int:
+    from service.api.app import create_app
+    from service.models.registry import load_all
+
+    memory.limit_arenas()
     failure: list[str] = []
     server: _DrainingServer | None = None
 
@@ -153,11 +199,13 @@ def _serve(args: argparse.Namespace) -> int:
         if server is not None:
             server.should_exit = True
 
-    try:
-        app = create_app(settings, background_load=True, on_startup_failure=stop_on_failure)
-    except (RuntimeError, ValueError) as exc:  # e.g. --device cuda without CUDA, graphs on a CPU
-        print(f"resnet-serve: {exc}", file=sys.stderr)
-        return 2
+    # Alone, the server answers /health/live (and /ping 503) while it loads.
+    app = create_app(
+        settings,
+        load_models=load_models or load_all,
+        background_load=load_models is None,
+        on_startup_failure=stop_on_failure,
+    )
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -169,12 +217,14 @@ def _serve(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=int(settings.shutdown_grace_s) or None,
         log_config=None,
     )
-    server = _DrainingServer(config, app.state.server)
-    # uvicorn re-raises a captured SIGTERM/SIGINT with the handler it found after its graceful
-    # shutdown; a no-op there makes a completed drain exit 0 instead of dying by the signal.
+    # uvicorn re-raises a captured SIGTERM/SIGINT with the handler it found, after its graceful
+    # shutdown; a handler that only records makes a completed drain exit 0 instead of dying by the
+    # signal, and keeps one that arrives before uvicorn listens for signals from being lost.
+    early_signals: list[int] = []
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: None)
-    server.run()
+        signal.signal(sig, lambda sig, _frame: early_signals.append(sig))
+    server = _DrainingServer(config, app.state.server, early_signals)
+    server.run(sockets=[listener] if listener is not None else None)
     if failure:
         print(f"resnet-serve: startup failed: {failure[0]}", file=sys.stderr)
         return 1
@@ -195,9 +245,15 @@ class _DrainingServer(uvicorn.Server):
     uvicorn then stops accepting, lets in-flight requests finish within the grace period, and
     the lifespan drains the batchers."""
 
-    def __init__(self, config: uvicorn.Config, state: ServerState) -> None:
+    def __init__(self, config: uvicorn.Config, state: ServerState, early_signals: list[int]) -> None:
         super().__init__(config)
         self._state = state
+        self._early_signals = early_signals
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        if self._early_signals:  # stopped before uvicorn caught signals: drain now, as if caught
+            self.handle_exit(self._early_signals[0], None)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if sig in (signal.SIGTERM, signal.SIGINT):

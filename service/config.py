@@ -35,6 +35,8 @@ class Settings(BaseSettings):
     # Where `--missing-weights fetch` downloads from: download.pytorch.org/models/ or a mirror of it.
     weights_base_url: str = "https://download.pytorch.org/models/"
     host: str = "127.0.0.1"
+    # Server processes on the one port, each with its own model copy (see service/supervisor.py).
+    workers: Annotated[int, Field(ge=1, le=64)] = 1
     port: Annotated[int, Field(ge=0, le=65535)] = 8080
     device: Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")] = "auto"
 
@@ -95,7 +97,8 @@ class Settings(BaseSettings):
 
     def resolved(self, *, on_gpu: bool) -> Settings:
         """Fill every device-dependent default; an explicit value always wins."""
-        cores = os.cpu_count() or 1
+        # Threads are per process: with several workers, they share the cores.
+        cores = max(1, (os.cpu_count() or 1) // self.workers)
         defaults: dict[str, object] = {
             # CPU: batches beyond 8 add latency without adding throughput; a GPU wants full batches.
             "max_batch_size": 64 if on_gpu else 8,

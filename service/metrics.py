@@ -1,16 +1,24 @@
-"""Prometheus metrics on an injected registry: histograms in base units, low-cardinality labels."""
+"""Prometheus metrics on an injected registry: histograms in base units, low-cardinality labels.
+
+With several worker processes (`--workers`), prometheus-client's multiprocess mode is on (the
+supervisor sets PROMETHEUS_MULTIPROC_DIR before the workers start): each worker writes its values to
+files there, and whichever worker answers /metrics sums them. Each gauge says how it combines.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Iterable, Sequence
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.gc_collector import GCCollector
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
 
 logger = logging.getLogger(__name__)
 
@@ -33,9 +41,14 @@ def batch_size_buckets(max_batch_size: int) -> tuple[float, ...]:
     return tuple(float(b) for b in buckets)
 
 
+MULTIPROCESS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
 class Metrics:
     def __init__(self, registry: CollectorRegistry, *, max_batch_size: int) -> None:
         self.registry = registry
+        self._multiprocess_dir = os.environ.get(MULTIPROCESS_DIR_ENV)
+        self._host_collectors: list[Collector] = []
         self.requests = Counter(
             f"{PREFIX}_requests", "HTTP requests to model routes, by response code",
             ["model", "route", "code"], registry=registry,
@@ -68,21 +81,50 @@ class Metrics:
         self.forward_failures = Counter(
             f"{PREFIX}_forward_failures", "Batch forwards that raised", ["model"], registry=registry
         )
+        # Across workers, depth and capacity add up, and the server is ready when every worker is.
         self.queue_depth = Gauge(
-            f"{PREFIX}_queue_depth", "Admitted images waiting for a forward", ["model"], registry=registry
-        )
+            f"{PREFIX}_queue_depth", "Admitted images waiting for a forward",
+            ["model"], registry=registry, multiprocess_mode="livesum",
+        )  # fmt: skip
         self.queue_capacity = Gauge(
-            f"{PREFIX}_queue_capacity", "Admitted images a model's queue holds at most", ["model"], registry=registry
-        )
-        self.inflight = Gauge(f"{PREFIX}_inflight_requests", "Model-route requests being handled", registry=registry)
+            f"{PREFIX}_queue_capacity", "Admitted images a model's queue holds at most",
+            ["model"], registry=registry, multiprocess_mode="livesum",
+        )  # fmt: skip
+        self.inflight = Gauge(
+            f"{PREFIX}_inflight_requests", "Model-route requests being handled",
+            registry=registry, multiprocess_mode="livesum",
+        )  # fmt: skip
         self.model_info = Gauge(
             f"{PREFIX}_model_info", "Loaded models (value is always 1)",
-            ["model", "arch", "device", "dtype", "weights"], registry=registry,
+            ["model", "arch", "device", "dtype", "weights"], registry=registry, multiprocess_mode="livemax",
         )  # fmt: skip
-        self.ready = Gauge(f"{PREFIX}_ready", "1 when every model is loaded and warm", registry=registry)
-        ProcessCollector(registry=registry)
-        PlatformCollector(registry=registry)
-        GCCollector(registry=registry)
+        self.ready = Gauge(
+            f"{PREFIX}_ready", "1 when every model is loaded and warm", registry=registry, multiprocess_mode="livemin"
+        )
+        if self._multiprocess_dir is None:
+            # Per-process figures: with several workers, one worker's own would misrepresent the server.
+            ProcessCollector(registry=registry)
+            PlatformCollector(registry=registry)
+            GCCollector(registry=registry)
+
+    @property
+    def multiprocess(self) -> bool:
+        return self._multiprocess_dir is not None
+
+    def add_host_collector(self, collector: Collector) -> None:
+        """A collector of machine-wide figures (GPU memory), exposed once whichever worker answers."""
+        self.registry.register(collector)
+        self._host_collectors.append(collector)
+
+    def exposition(self) -> bytes:
+        """The Prometheus text for /metrics: this process's registry, or every worker's summed."""
+        if self._multiprocess_dir is None:
+            return generate_latest(self.registry)
+        combined = CollectorRegistry()
+        MultiProcessCollector(combined, path=self._multiprocess_dir)  # type: ignore[no-untyped-call]
+        for collector in self._host_collectors:
+            combined.register(collector)
+        return generate_latest(combined)
 
     def init_model(self, model: str, *, queue_capacity: int) -> None:
         """Create every label set up front so dashboards show zeros rather than gaps."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from service.api.schemas import ERROR_RESPONSES, BatchingInfo, HealthStatus, ModelInfo, ModelList, WeightsInfo
 from service.api.state import Phase, ServedModel, ServerState
@@ -52,7 +52,7 @@ async def get_model(model: str, request: Request) -> ModelInfo:
 @router.get("/metrics", tags=["metrics"], response_class=Response)
 async def metrics(request: Request) -> Response:
     """Prometheus text exposition."""
-    return Response(generate_latest(_state(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(_state(request).metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 
 def describe(state: ServerState, served: ServedModel) -> ModelInfo:

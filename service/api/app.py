@@ -40,7 +40,7 @@ def create_app(
     registry = CollectorRegistry()
     metrics = Metrics(registry, max_batch_size=resolved.batch_size)
     if device.type == "cuda":
-        registry.register(CudaMemoryCollector(range(torch.cuda.device_count())))
+        metrics.add_host_collector(CudaMemoryCollector(range(torch.cuda.device_count())))
     state = ServerState(resolved, metrics, device)
 
     async def load() -> None:

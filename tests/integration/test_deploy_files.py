@@ -26,6 +26,7 @@ from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 from prometheus_client import CollectorRegistry
 
+from service.config import Settings
 from service.metrics import Metrics
 from tests.conftest import REPO
 from tests.integration.live import LiveServer, free_port, running
@@ -529,3 +530,17 @@ def test_dashboard_model_variable_filters_every_per_model_query():
             names = referenced_metric_names(target["expr"])
             if names & per_model or any(n.endswith(("_bucket", "_sum", "_count")) for n in names):
                 assert 'model=~"$model"' in target["expr"], f"{panel['title']}: {target['expr']}"
+
+
+@pytest.mark.parametrize("path", COMPOSE_FILES)
+def test_every_server_setting_in_compose_is_one_the_server_reads(path, monkeypatch):
+    """A misspelt RESNET_SERVE_* variable would be silently ignored; the settings refuse extras."""
+    for name, service in compose(path)["services"].items():
+        variables = {k: interpolate(str(v)) for k, v in service.get("environment", {}).items()}
+        for key, value in variables.items():
+            if key.startswith("RESNET_SERVE_"):
+                assert key.removeprefix("RESNET_SERVE_").lower() in Settings.model_fields, (name, key)
+                monkeypatch.setenv(key, value)
+        Settings()  # every value parses and validates
+        for key in variables:
+            monkeypatch.delenv(key, raising=False)

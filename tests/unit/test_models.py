@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import pytest
@@ -265,3 +266,13 @@ def test_out_of_memory_on_a_single_image_is_insufficient_storage():
     runner = ModelRunner(_RunsOutOfMemory(limit=0), Preprocessing(crop_size=8), device=torch.device("cpu"))
     with pytest.raises(InsufficientStorage):
         runner.predict([torch.zeros(3, 8, 8, dtype=torch.uint8)] * 2)
+
+
+def test_workers_share_the_cores_between_their_threads():
+    cores = os.cpu_count() or 1
+    alone = Settings().resolved(on_gpu=False)
+    two = Settings(workers=2).resolved(on_gpu=False)
+    assert alone.torch_threads == cores
+    assert two.torch_threads == max(1, cores // 2)
+    with pytest.raises(ValueError, match="workers"):
+        Settings(workers=0)

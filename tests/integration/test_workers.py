@@ -1,0 +1,143 @@
+"""`serve --workers N`: several processes on one port, summed metrics, one drain, fail-fast."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from service.models.catalog import CATALOG
+from service.models.weights import write_random
+from tests.http.test_correctness import assert_matches, reference_probabilities
+from tests.integration.live import LiveServer, spawn, wait_ready
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("worker-weights")
+    write_random(CATALOG["resnet18v1"], 0, directory)
+    return directory
+
+
+def worker_pids(server: LiveServer) -> list[int]:
+    """The supervisor's worker processes (not multiprocessing's resource tracker)."""
+    children = Path(f"/proc/{server.pid}/task/{server.pid}/children").read_text().split()
+    workers = []
+    for pid in map(int, children):
+        with contextlib.suppress(FileNotFoundError):
+            if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                workers.append(pid)
+    return workers
+
+
+async def post_all(server: LiveServer, images: list[bytes]) -> list[httpx.Response]:
+    # One connection per request, so that the kernel spreads them over the workers' accepts.
+    limits = httpx.Limits(max_keepalive_connections=0)
+    async with httpx.AsyncClient(base_url=server.url, timeout=60, limits=limits) as http:
+        return await asyncio.gather(
+            *(http.post("/resnet18v1/predict?topk=3", files={"data": ("i.jpg", image)}) for image in images)
+        )
+
+
+def test_two_workers_answer_correctly_and_sum_their_metrics(weights, tmp_path, photos):
+    metrics_dir = tmp_path / "prometheus"
+    server = spawn(
+        weights, tmp_path / "server.log", "--workers", "2", env={"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
+    )
+    try:
+        wait_ready(server)
+        pids = worker_pids(server)
+        names = ["kitten.jpg", "chelsea.jpg", "coffee.jpg"]
+        responses = asyncio.run(post_all(server, [photos[names[i % 3]] for i in range(24)]))
+        counted = server.metric("resnet_serve_requests_total", model="resnet18v1", route="predict", code="200")
+        capacity = server.metric("resnet_serve_queue_capacity", model="resnet18v1")
+        ready = server.metric("resnet_serve_ready")
+        files = sorted(path.name for path in metrics_dir.glob("counter_*.db"))
+    finally:
+        code = server.stop()
+    assert len(pids) == 2, server.log()
+    for i, response in enumerate(responses):
+        assert response.status_code == 200, response.text
+        expected = reference_probabilities(weights, "resnet18v1", "resnet18", photos[names[i % 3]])
+        assert_matches(response.json()["prediction"][0], expected, 3)
+    assert counted == 24  # each worker counts its own; /metrics sums both, whichever answers
+    assert capacity == 2 * 64
+    assert ready == 1
+    assert files == sorted(f"counter_{pid}.db" for pid in pids)
+    assert code == 0, server.log()
+
+
+def test_sigterm_drains_every_worker_and_exits_0(weights, tmp_path, photos):
+    server = spawn(weights, tmp_path / "server.log", "--workers", "2", "--shutdown-grace-s", "20")
+    try:
+        wait_ready(server)
+        pids = worker_pids(server)
+
+        async def scenario() -> list[httpx.Response]:
+            requests = asyncio.create_task(post_all(server, [photos["kitten.jpg"]] * 16))
+            await asyncio.sleep(0.3)  # admitted and queued behind the forwards
+            server.process.send_signal(signal.SIGTERM)
+            return await requests
+
+        responses = asyncio.run(scenario())
+        code = server.process.wait(timeout=25)
+    finally:
+        server.stop(signal.SIGKILL)
+    assert [r.status_code for r in responses] == [200] * 16
+    assert code == 0, server.log()
+    assert all(not Path(f"/proc/{pid}").exists() for pid in pids)
+    assert server.log().count("draining (grace") == 2
+
+
+def test_a_worker_that_dies_stops_the_whole_server_with_exit_1(weights, tmp_path):
+    server = spawn(weights, tmp_path / "server.log", "--workers", "2")
+    try:
+        wait_ready(server)
+        survivor, victim = worker_pids(server)
+        os.kill(victim, signal.SIGKILL)
+        code = server.process.wait(timeout=30)
+    finally:
+        server.stop(signal.SIGKILL)
+    assert code == 1
+    assert f"(pid {victim}) exited with code -9" in server.log()
+    assert not Path(f"/proc/{survivor}").exists()
+
+
+def test_a_startup_failure_in_the_workers_exits_1_with_one_clear_line(tmp_path):
+    weights = tmp_path / "w"
+    path = write_random(CATALOG["resnet18v1"], 0, weights)
+    path.write_bytes(path.read_bytes()[:5000])
+    server = spawn(weights, tmp_path / "server.log", "--workers", "2")
+    started = time.monotonic()
+    try:
+        code = server.process.wait(timeout=60)
+    finally:
+        server.stop(signal.SIGKILL)
+    log = server.log()
+    assert code == 1, log
+    assert time.monotonic() - started < 60
+    assert "is not a readable checkpoint" in log
+    assert "Traceback" not in log
+
+
+def test_sigterm_while_the_workers_load_is_a_clean_exit(weights, tmp_path):
+    server = spawn(weights, tmp_path / "server.log", "--workers", "2")
+    try:
+        deadline = time.monotonic() + 30
+        while len(worker_pids(server)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(worker_pids(server)) == 2
+        server.process.send_signal(signal.SIGTERM)
+        code = server.process.wait(timeout=30)
+    finally:
+        server.stop(signal.SIGKILL)
+    assert code == 0, server.log()
+    assert "exited with code" not in server.log()
