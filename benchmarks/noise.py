@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 _TICK_S = 0.01  # USER_HZ is 100 on Linux
 
@@ -44,3 +45,20 @@ def wait_for_quiet(threshold_cores: float = 0.3, max_wait_s: float = 60.0, inter
     while reading > threshold_cores and time.monotonic() < deadline:
         reading = busy_cores(interval_s)
     return reading
+
+
+def process_tree_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) of a process and its live descendants: with `--workers` the
+    server is a supervisor and its worker processes."""
+    total = 0.0
+    pending = [pid]
+    while pending:
+        current = pending.pop()
+        try:
+            fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
+            children = Path(f"/proc/{current}/task/{current}/children").read_text().split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) * _TICK_S  # utime, stime
+        pending.extend(int(child) for child in children)
+    return total

@@ -43,7 +43,7 @@ from typing import Any
 
 from benchmarks.ceilings import decode_ceiling
 from benchmarks.loadgen import LoadResult, Target, parse_levels, run_level, wait_ready
-from benchmarks.noise import CpuSnapshot, wait_for_quiet
+from benchmarks.noise import CpuSnapshot, process_tree_cpu_s, wait_for_quiet
 from benchmarks.photos import Photo, load_photos
 
 REPO = Path(__file__).resolve().parents[1]
@@ -263,7 +263,7 @@ async def run_config(
     target = Target(url, f"/{model}/predict", "data", "/metrics", name=config.name)
     started = time.perf_counter()
     print(f"\n== {config.name}: {' '.join(config.flags) or '(defaults)'} {config.env or ''}", flush=True)
-    with server_process(model, weights_dir, config, out_dir / f"server-{config.name}.log", port):
+    with server_process(model, weights_dir, config, out_dir / f"server-{config.name}.log", port) as process:
         info = model_info(url, model)
         print(f"   batching: {info.get('batching')}", flush=True)
         if warmup_s > 0:
@@ -274,11 +274,15 @@ async def run_config(
         reports: list[LevelReport] = []
         for concurrency in levels:
             quiet = await asyncio.to_thread(wait_for_quiet, max_wait_s=quiet_s)
-            cpu0, machine0 = time.process_time(), CpuSnapshot.take()
+            cpu0, machine0, server_cpu0 = time.process_time(), CpuSnapshot.take(), process_tree_cpu_s(process.pid)
             load = await run_level(
                 target, photos, concurrency=concurrency, duration_s=duration_s, client=client, model=model
             )
-            server_cpu = load.server.cpu_s if load.server is not None else 0.0
+            # From /proc rather than the server's process_cpu_seconds_total: that covers one process,
+            # and with --workers the server is several.
+            server_cpu = process_tree_cpu_s(process.pid) - server_cpu0
+            if load.server is not None:
+                load.server.cpu_s = server_cpu
             other = _other_cores(machine0, cpu0, server_cpu)
             ceilings.append(measure_ceiling(model, threads, ceiling_s, started, quiet_s, config.env))
             before, after = ceilings[-2], ceilings[-1]
