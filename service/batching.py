@@ -2,7 +2,8 @@
 
 Shape borrowed from Ray Serve's batcher: the window opens when the first item arrives and closes when
 the batch is full or `max_delay_s` has passed; an event wakes the collector; abandoned items are
-skipped; the handler's output length is checked; an exception reaches every member of the batch.
+skipped; the handler's output length is checked; an exception reaches every member of the batch,
+while an exception the handler returns in an item's place fails that item alone.
 
 `max_in_flight` batches may be in the handler at once (1 by default). With 2, the next batch is taken
 and handed over while the current one computes, so a GPU handler can copy it to the device meanwhile.
@@ -29,7 +30,8 @@ OutT = TypeVar("OutT")
 
 logger = logging.getLogger(__name__)
 
-BatchHandler = Callable[[list[InT]], Awaitable[list[OutT]]]
+# One output per input, in order; an exception in an item's place fails that item alone.
+BatchHandler = Callable[[list[InT]], Awaitable[Sequence[OutT | BaseException]]]
 
 
 class BatchObserver(Protocol):
@@ -318,7 +320,11 @@ class MicroBatcher(Generic[InT, OutT]):
                     ticket.future.set_exception(error)
         else:
             for ticket, output in zip(batch, outputs, strict=True):
-                if not ticket.future.done():
+                if ticket.future.done():
+                    continue
+                if isinstance(output, BaseException):
+                    ticket.future.set_exception(output)
+                else:
                     ticket.future.set_result(output)
         finally:
             duration = loop.time() - started

@@ -88,6 +88,12 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model (default off)"
     )
+    serve.add_argument(
+        "--decode-on-device",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="decode JPEGs in batches on the GPU (nvJPEG) instead of on CPU threads (default off)",
+    )
     serve.set_defaults(handler=_serve)
 
     weights = commands.add_parser("weights", help="manage weights files").add_subparsers(title="weights commands")
@@ -140,6 +146,7 @@ def _serve(args: argparse.Namespace) -> int:
     overrides["channels_last"] = args.channels_last
     overrides["cuda_graphs"] = args.cuda_graphs
     overrides["compile"] = args.compile
+    overrides["decode_on_device"] = args.decode_on_device
     try:
         settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
         resolve_specs(settings.models)

@@ -48,6 +48,9 @@ class Settings(BaseSettings):
     cuda_graphs: bool | None = None
     # torch.compile each bucket at startup: slower to start; measure before turning it on.
     compile: bool = False
+    # Decode JPEGs with their batch on the model's device (nvJPEG on CUDA) instead of in the decode
+    # pool; the host still checks each header. Not bit-identical with the reference transform.
+    decode_on_device: bool = False
     # Batches handed to the device at once: 2 on a GPU overlaps the next batch's copy with the forward.
     max_batches_in_flight: Annotated[int | None, Field(ge=1, le=8)] = None
     max_delay_ms: Annotated[float | None, Field(ge=0, le=10_000)] = None

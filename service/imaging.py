@@ -47,6 +47,50 @@ class Preprocessing:
 
 def decode(data: bytes, *, max_pixels: int) -> Image.Image:
     """Open and fully decode an upload into an RGB image, refusing what is not a sane photo."""
+    image = _open_checked(data, max_pixels=max_pixels)
+    try:
+        image.load()
+        return _to_rgb(_apply_exif_orientation(image))
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
+        raise InvalidInput(f"the image could not be decoded: {_short(exc)}") from None
+
+
+@dataclass(frozen=True)
+class EncodedJpeg:
+    """A JPEG upload whose header passed the host's checks, left for the model's device to decode."""
+
+    data: torch.Tensor  # the file's bytes, 1-D uint8, on the host
+    orientation: int  # EXIF orientation: 1 (as stored) to 8
+
+
+# What the batcher carries to the runner: a decoded image, or a JPEG for the device to decode.
+ModelInput = torch.Tensor | EncodedJpeg
+
+# JPEG colour modes the device decoder turns into RGB as Pillow would; CMYK and the like, and
+# progressive files, take the host path.
+_DEVICE_JPEG_MODES = frozenset({"RGB", "L"})
+_EXIF_ORIENTATION = 0x0112
+
+
+def inspect_jpeg(data: bytes, spec: Preprocessing, *, max_pixels: int) -> EncodedJpeg | None:
+    """The checks of `preprocess` that need only the header; None when the device cannot decode
+    the file, which then takes the host path. Raises the same errors `preprocess` would."""
+    image = _open_checked(data, max_pixels=max_pixels)
+    if image.format != "JPEG" or image.mode not in _DEVICE_JPEG_MODES or image.info.get("progressive"):
+        return None
+    try:
+        orientation = int(image.getexif().get(_EXIF_ORIENTATION, 1))
+    except Exception:  # a corrupt EXIF block: the host path ignores it too
+        orientation = 1
+    orientation = orientation if 1 <= orientation <= 8 else 1
+    width, height = image.size
+    if orientation >= 5:  # a quarter turn: the stored width is the shown height
+        width, height = height, width
+    _check_resizable(width, height, spec, max_pixels)
+    return EncodedJpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), orientation)
+
+
+def _open_checked(data: bytes, *, max_pixels: int) -> Image.Image:
     if not data:
         raise InvalidInput("the image is empty (0 bytes)")
     try:
@@ -62,22 +106,22 @@ def decode(data: bytes, *, max_pixels: int) -> Image.Image:
         raise InvalidInput(f"the image has no pixels ({width}x{height})")
     if width * height > max_pixels:
         raise InvalidInput(f"the image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}")
-    try:
-        image.load()
-        return _to_rgb(_apply_exif_orientation(image))
-    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
-        raise InvalidInput(f"the image could not be decoded: {_short(exc)}") from None
+    return image
+
+
+def _check_resizable(width: int, height: int, spec: Preprocessing, max_pixels: int) -> None:
+    short, long = sorted((width, height))
+    resized_long = int(spec.resize_size * long / short)
+    if resized_long * spec.resize_size > max_pixels:
+        raise InvalidInput(
+            f"the image is {width}x{height}: its aspect ratio is too extreme to resize "
+            f"(the shorter side at {spec.resize_size} px makes the longer one {resized_long} px)"
+        )
 
 
 def to_model_input(image: Image.Image, spec: Preprocessing, *, max_pixels: int) -> torch.Tensor:
     """Resize the shorter side, center-crop, and return a uint8 tensor of shape (3, crop, crop)."""
-    short, long = sorted(image.size)
-    resized_long = int(spec.resize_size * long / short)
-    if resized_long * spec.resize_size > max_pixels:
-        raise InvalidInput(
-            f"the image is {image.width}x{image.height}: its aspect ratio is too extreme to resize "
-            f"(the shorter side at {spec.resize_size} px makes the longer one {resized_long} px)"
-        )
+    _check_resizable(image.width, image.height, spec, max_pixels)
     resized = F.resize(image, [spec.resize_size], interpolation=spec.interpolation, antialias=spec.antialias)
     cropped = F.center_crop(resized, [spec.crop_size])
     tensor: torch.Tensor = F.pil_to_tensor(cropped)

@@ -81,6 +81,7 @@ def describe(state: ServerState, served: ServedModel) -> ModelInfo:
             buckets=list(loaded.runner.plan.buckets),
             cuda_graphs=loaded.runner.plan.cuda_graphs,
             compiled=loaded.runner.plan.compile,
+            decode_on_device=state.settings.decode_on_device,
         ),
         weights=WeightsInfo(
             file=weights.path.name,

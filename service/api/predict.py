@@ -25,7 +25,7 @@ from service.errors import (
     ServeError,
     UploadTimeout,
 )
-from service.imaging import preprocess
+from service.imaging import ModelInput, inspect_jpeg, preprocess
 from service.postprocessing import ClassScore, top_k
 
 router = APIRouter(tags=["prediction"])
@@ -150,16 +150,20 @@ async def _linger(request: Request, max_bytes: int, timeout_s: float = 1.0) -> N
                 pass
 
 
-async def _preprocess_all(state: ServerState, served: ServedModel, uploads: list[bytes]) -> list[torch.Tensor]:
+async def _preprocess_all(state: ServerState, served: ServedModel, uploads: list[bytes]) -> list[ModelInput]:
     loop = asyncio.get_running_loop()
     spec = served.loaded.preprocessing
     max_pixels = state.settings.max_image_pixels
+    on_device = state.settings.decode_on_device
     histogram = state.metrics.preprocess_duration.labels(served.name)
 
-    def work(data: bytes) -> torch.Tensor:
+    def work(data: bytes) -> ModelInput:
         started = time.perf_counter()
         try:
-            return preprocess(data, spec, max_pixels=max_pixels)
+            # With --decode-on-device a JPEG's header is checked here and its pixels decoded with
+            # its batch on the device; any other image is decoded here as always.
+            encoded = inspect_jpeg(data, spec, max_pixels=max_pixels) if on_device else None
+            return encoded if encoded is not None else preprocess(data, spec, max_pixels=max_pixels)
         finally:
             histogram.observe(time.perf_counter() - started)
 
@@ -172,11 +176,11 @@ async def _preprocess_all(state: ServerState, served: ServedModel, uploads: list
             raise outcome
         if isinstance(outcome, BaseException):
             raise outcome
-    return [o for o in outcomes if isinstance(o, torch.Tensor)]
+    return [o for o in outcomes if not isinstance(o, BaseException)]
 
 
 async def _wait_for(
-    tickets: list[Ticket[torch.Tensor, torch.Tensor]],
+    tickets: list[Ticket[ModelInput, torch.Tensor]],
     deadline: float,
     receive: Callable[[], Awaitable[MutableMapping[str, Any]]],
 ) -> list[torch.Tensor]:
@@ -212,6 +216,6 @@ async def _until_disconnect(receive: Callable[[], Awaitable[MutableMapping[str, 
         pass
 
 
-def _abandon(tickets: list[Ticket[torch.Tensor, torch.Tensor]], reason: str) -> None:
+def _abandon(tickets: list[Ticket[ModelInput, torch.Tensor]], reason: str) -> None:
     for ticket in tickets:
         ticket.abandon(reason)

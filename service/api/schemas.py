@@ -43,6 +43,7 @@ class BatchingInfo(BaseModel):
     buckets: list[int] = Field(description="sizes a batch is padded up to; empty: each runs at its own size")
     cuda_graphs: bool
     compiled: bool
+    decode_on_device: bool
 
 
 class WeightsInfo(BaseModel):

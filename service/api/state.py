@@ -16,9 +16,11 @@ from service.api.uploads import UploadLimits
 from service.batching import MicroBatcher
 from service.config import Settings
 from service.errors import ModelNotFound, ServiceUnavailable
+from service.imaging import ModelInput
 from service.metrics import Metrics
 from service.models.catalog import find_spec
 from service.models.registry import LoadedModel
+from service.models.runner import Output
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +35,7 @@ class Phase(StrEnum):
 @dataclass
 class ServedModel:
     loaded: LoadedModel
-    batcher: MicroBatcher[torch.Tensor, torch.Tensor]
+    batcher: MicroBatcher[ModelInput, torch.Tensor]
 
     @property
     def name(self) -> str:
@@ -67,13 +69,13 @@ class ServerState:
         runner = loaded.runner
         loop = asyncio.get_running_loop()
 
-        async def forward(images: list[torch.Tensor]) -> list[torch.Tensor]:
+        async def forward(images: list[ModelInput]) -> list[Output]:
             if self.stage_pool is self.forward_pool:
                 return await loop.run_in_executor(self.forward_pool, runner.predict, images)
             staged = await loop.run_in_executor(self.stage_pool, runner.stage, images)
             return await loop.run_in_executor(self.forward_pool, runner.run, staged)
 
-        batcher: MicroBatcher[torch.Tensor, torch.Tensor] = MicroBatcher(
+        batcher: MicroBatcher[ModelInput, torch.Tensor] = MicroBatcher(
             forward,
             max_batch_size=self.settings.batch_size,
             max_delay_s=self.settings.delay_s,

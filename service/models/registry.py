@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import functools
+import io
 import logging
 import urllib.error
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from service.config import MissingWeightsPolicy, Settings
 from service.errors import StartupError
-from service.imaging import Preprocessing
+from service.imaging import EncodedJpeg, Preprocessing, inspect_jpeg, preprocess
 from service.models.catalog import ModelSpec, find_spec, known_names
 from service.models.labels import labels_for
 from service.models.runner import DTYPES, ExecutionPlan, ModelRunner
@@ -92,6 +95,7 @@ def load_model(spec: ModelSpec, weights: WeightsFile, settings: Settings, device
         dtype=DTYPES[settings.dtype],
         channels_last=settings.channels_last,
         plan=ExecutionPlan(buckets=settings.buckets, cuda_graphs=bool(settings.cuda_graphs), compile=settings.compile),
+        host_preprocess=functools.partial(preprocess, spec=preprocessing, max_pixels=settings.max_image_pixels),
     )
     labels = labels_for(spec.name, weights.path, runner.num_classes)
     if weights.origin is Origin.RANDOM_INIT:
@@ -109,12 +113,15 @@ def load_model(spec: ModelSpec, weights: WeightsFile, settings: Settings, device
 
 def load_all(settings: Settings, device: torch.device) -> dict[str, LoadedModel]:
     """Load and warm every configured model, or raise StartupError: never half a set."""
+    if settings.decode_on_device and device.type != "cuda":
+        logger.warning("--decode-on-device on %s: JPEGs are decoded on the forward thread, which only slows it", device)
     loaded: dict[str, LoadedModel] = {}
     for spec in resolve_specs(settings.models):
         weights = obtain_weights(spec, settings)
         logger.info("loading %s from %s (%s)", spec.name, weights.path, weights.describe())
         model = load_model(spec, weights, settings, device)
-        model.runner.warm_up([1, settings.batch_size])
+        sample = _sample_jpeg(model.preprocessing) if settings.decode_on_device else None
+        model.runner.warm_up([1, settings.batch_size], jpeg=sample)
         loaded[spec.name] = model
     return loaded
 
@@ -132,3 +139,12 @@ def _random_init_banner(name: str, path: Path, seed: int | None) -> None:
         name,
         line,
     )
+
+
+def _sample_jpeg(preprocessing: Preprocessing) -> EncodedJpeg:
+    """A small JPEG to start the device's decoder with before the first request needs it."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (320, 240), (120, 80, 40)).save(buffer, format="JPEG")
+    sample = inspect_jpeg(buffer.getvalue(), preprocessing, max_pixels=320 * 240)
+    assert sample is not None
+    return sample

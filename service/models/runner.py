@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from service.errors import InsufficientStorage
-from service.imaging import Preprocessing
+from service.errors import InsufficientStorage, InvalidInput, ServeError
+from service.imaging import EncodedJpeg, ModelInput, Preprocessing
 from service.models.cuda_graphs import GraphedForward
+from service.models.device_decode import decode_batch
 
 logger = logging.getLogger(__name__)
 
@@ -61,11 +62,17 @@ class ExecutionPlan:
 
 @dataclass(frozen=True)
 class StagedBatch:
-    """A batch on its way to the device: `count` real images, padded to the bucket's size."""
+    """A batch on its way to the device: `count` real images, padded to the bucket's size.
+    `failures`: images that could not be decoded on the device nor on the host, by position."""
 
     count: int
     images: torch.Tensor
     copied: torch.cuda.Event | None = None
+    failures: Mapping[int, ServeError] = field(default_factory=dict)
+
+
+# An image's result: its class probabilities, or the error that failed it alone.
+Output = torch.Tensor | ServeError
 
 
 class ModelRunner:
@@ -81,12 +88,17 @@ class ModelRunner:
         dtype: torch.dtype = torch.float32,
         channels_last: bool = True,
         plan: ExecutionPlan | None = None,
+        host_preprocess: Callable[[bytes], torch.Tensor] | None = None,
     ) -> None:
+        """`host_preprocess` decodes a JPEG the device decoder failed on (see `stage`); without
+        it such an image fails alone."""
         self.device = device
         self.dtype = dtype
         self.channels_last = channels_last
         self.plan = plan or ExecutionPlan()
+        self.preprocessing = preprocessing
         self.crop_size = preprocessing.crop_size
+        self._host_preprocess = host_preprocess
         self._on_cuda = device.type == "cuda"
         if self.plan.cuda_graphs and not self._on_cuda:
             raise ValueError(f"CUDA graphs were asked for, but the model runs on {device}")
@@ -113,29 +125,52 @@ class ModelRunner:
         assert isinstance(fc, nn.Linear)
         return fc.out_features
 
-    def predict(self, images: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Probabilities (float32, on the CPU) for each (3, H, W) uint8 image, in order."""
+    def predict(self, images: Sequence[ModelInput]) -> list[Output]:
+        """Probabilities (float32, on the CPU) for each image, in order: a (3, H, W) uint8 tensor, or
+        an `EncodedJpeg` to decode on the device."""
         return self.run(self.stage(images))
 
-    def stage(self, images: Sequence[torch.Tensor]) -> StagedBatch:
+    def stage(self, images: Sequence[ModelInput]) -> StagedBatch:
         count = len(images)
         size = self.plan.bucket_for(count)
-        first = images[0]
+        encoded = {index: image for index, image in enumerate(images) if isinstance(image, EncodedJpeg)}
+        blank = torch.zeros(3, self.crop_size, self.crop_size, dtype=torch.uint8)
+        decoded = [blank if isinstance(image, EncodedJpeg) else image for image in images]
         # Pinned memory: the copy to the GPU can then run asynchronously, overlapping compute.
-        host = torch.empty((size, *first.shape), dtype=first.dtype, pin_memory=self._on_cuda)
-        torch.stack(list(images), out=host[:count])
+        host = torch.empty((size, *decoded[0].shape), dtype=torch.uint8, pin_memory=self._on_cuda)
+        torch.stack(decoded, out=host[:count])
         if size > count:
             host[count:].zero_()  # padding rows: any values would do; zeros keep runs reproducible
-        if self._copy_stream is None:
-            return StagedBatch(count, host)
-        with torch.cuda.stream(self._copy_stream):
+        stream = torch.cuda.stream(self._copy_stream) if self._copy_stream is not None else contextlib.nullcontext()
+        with stream:
             on_device = host.to(self.device, non_blocking=True)
+            failures = self._decode_into(on_device, encoded) if encoded else {}
+            if self._copy_stream is None:
+                return StagedBatch(count, on_device, failures=failures)
             copied = torch.cuda.Event()  # type: ignore[no-untyped-call]
             copied.record(self._copy_stream)
-        return StagedBatch(count, on_device, copied)
+        return StagedBatch(count, on_device, copied, failures)
+
+    def _decode_into(self, batch: torch.Tensor, encoded: dict[int, EncodedJpeg]) -> dict[int, ServeError]:
+        """Decode the JPEGs on the device into their rows; one the device decoder rejects (a variant
+        it lacks, or a damaged file) is decoded on the host, which alone decides it is bad."""
+        failures: dict[int, ServeError] = {}
+        for (index, item), image in zip(
+            encoded.items(), decode_batch(list(encoded.values()), self.preprocessing, self.device), strict=True
+        ):
+            if image is None:
+                try:
+                    if self._host_preprocess is None:
+                        raise InvalidInput("the JPEG could not be decoded")
+                    image = self._host_preprocess(item.data.numpy().tobytes())
+                except ServeError as exc:
+                    failures[index] = exc
+                    continue
+            batch[index].copy_(image, non_blocking=True)
+        return failures
 
     @torch.inference_mode()
-    def run(self, staged: StagedBatch) -> list[torch.Tensor]:
+    def run(self, staged: StagedBatch) -> list[Output]:
         batch = staged.images
         if staged.copied is not None:
             compute_stream = torch.cuda.current_stream(self.device)
@@ -147,10 +182,14 @@ class ModelRunner:
         except torch.cuda.OutOfMemoryError:
             probabilities = self._forward_split(batch)
         # .cpu() waits for the device, so the caller's timing includes the whole forward.
-        return list(probabilities[: staged.count].cpu().unbind(0))
+        outputs: list[Output] = list(probabilities[: staged.count].cpu().unbind(0))
+        for index, error in staged.failures.items():
+            outputs[index] = error
+        return outputs
 
-    def warm_up(self, batch_sizes: Sequence[int]) -> None:
-        """Run (and with CUDA graphs, capture) every bucket once, so no request pays for it."""
+    def warm_up(self, batch_sizes: Sequence[int], *, jpeg: EncodedJpeg | None = None) -> None:
+        """Run (and with CUDA graphs, capture) every bucket once, so no request pays for it; with a
+        `jpeg`, start the device's JPEG decoder too."""
         sizes = set(self.plan.buckets) or set(batch_sizes)
         for size in sorted(sizes, reverse=True):  # the largest first: the memory peak shows at once
             blank = torch.zeros(3, self.crop_size, self.crop_size, dtype=torch.uint8)
@@ -158,6 +197,8 @@ class ModelRunner:
             if self.plan.cuda_graphs:
                 self._capture(staged)
             self.run(staged)
+        if jpeg is not None:
+            self.predict([jpeg])
 
     def _capture(self, staged: StagedBatch) -> None:
         size = staged.images.shape[0]

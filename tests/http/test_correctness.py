@@ -115,6 +115,29 @@ async def test_concurrent_callers_are_batched_and_each_gets_its_own_answer(serve
     assert batching["mean_batch_size"] > 1
 
 
+async def test_decode_on_device_answers_within_rounding_and_fails_only_the_broken_jpeg(serve, weights_dir, photos):
+    """The same code path as nvJPEG on a GPU, on the CPU device: batched decode, orientation, resize."""
+    names = list(photos)
+    broken = photos["kitten.jpg"][: len(photos["kitten.jpg"]) // 2]
+    async with serve(decode_on_device=True, max_batch_size=8, max_delay_ms=500) as served:
+        bodies = [photos[name] for name in names] + [broken]
+        responses = await asyncio.gather(
+            *(served.http.post("/resnet18v1/predict?topk=1000", **upload(body)) for body in bodies)
+        )
+        batching = (await served.http.get("/models/resnet18v1")).json()["batching"]
+    assert batching["decode_on_device"] is True
+    assert batching["batches_run"] < len(bodies)  # the broken one shared a batch with good ones
+    *good, bad = responses
+    assert bad.status_code == 400 and "decoded" in bad.json()["message"]
+    for name, response in zip(names, good, strict=True):
+        assert response.status_code == 200, response.text
+        expected = reference_probabilities(weights_dir, "resnet18v1", "resnet18", photos[name])
+        got = {SYNSET_LINES.index(e["class"]): e["probability"] for e in response.json()["prediction"][0]}
+        assert max(got, key=got.__getitem__) == int(expected.argmax())
+        # Not bit-identical (another IDCT, a tensor resize): within rounding of the reference.
+        assert max(abs(p - expected[i].item()) for i, p in got.items()) < 1e-3
+
+
 @pytest.mark.gpu
 async def test_the_gpu_defaults_match_the_reference_forward(serve, weights_dir, photos):
     """CUDA graphs per bucket, two batches in flight, pinned copies: still torchvision's answer."""

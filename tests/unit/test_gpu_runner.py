@@ -84,3 +84,17 @@ def test_two_staged_batches_overlap_and_each_gets_its_own_answer(weights_dir, ph
     reference = _runner(weights_dir, ExecutionPlan())
     assert torch.allclose(torch.stack(got_first), torch.stack(reference.predict(images[:3])), atol=1e-3)
     assert torch.allclose(torch.stack(got_second), torch.stack(reference.predict(images[3:5])), atol=1e-3)
+
+
+def test_nvjpeg_decode_agrees_with_the_host_path(weights_dir, photos):
+    from service.imaging import inspect_jpeg
+
+    spec = Preprocessing()
+    runner = _runner(weights_dir, ExecutionPlan(buckets=(1, 2, 4, 8), cuda_graphs=True))
+    runner.warm_up([8])
+    encoded = [inspect_jpeg(data, spec, max_pixels=50_000_000) for data in photos.values()]
+    host = [preprocess(data, spec, max_pixels=50_000_000) for data in photos.values()]
+    on_gpu = torch.stack(runner.predict(encoded))  # type: ignore[arg-type]
+    on_host = torch.stack(runner.predict(host))
+    assert torch.equal(on_gpu.argmax(dim=1), on_host.argmax(dim=1))
+    assert (on_gpu - on_host).abs().max().item() <= 1e-2
