@@ -5,6 +5,8 @@ Routes, each ending in the (3, 224, 224) uint8 tensor the model gets:
                bit-identical to torchvision's weights transform, which the accuracy tests hold to 1e-5.
   pil-draft    the same after Pillow's draft(): libjpeg scales by 1/2, 1/4 or 1/8 in the DCT while
                decoding, when the image is at least twice the resize target.
+  pil-box      Pillow decode, then one resize of only the source box that the center crop keeps
+               (Pillow's `box=`): same filter and scale, a smaller output, rounded differently.
   tv-decode    torchvision.io.decode_jpeg (libjpeg-turbo) then the same resize on the tensor.
 
 For each route: ms per image on one thread over the photo mix, and how far its input is from the
@@ -27,7 +29,7 @@ import torchvision.transforms.functional as F
 from PIL import Image
 
 from benchmarks.photos import Photo, load_photos
-from service.imaging import Preprocessing, preprocess
+from service.imaging import Preprocessing, decode, preprocess
 
 SPEC = Preprocessing()
 MAX_PIXELS = 50_000_000
@@ -50,6 +52,22 @@ def pil_draft(data: bytes) -> torch.Tensor:
     return tensor
 
 
+def pil_box(data: bytes) -> torch.Tensor:
+    image = decode(data, max_pixels=MAX_PIXELS)
+    width, height = image.size
+    if width <= height:
+        new_width, new_height = SPEC.resize_size, int(SPEC.resize_size * height / width)
+    else:
+        new_width, new_height = int(SPEC.resize_size * width / height), SPEC.resize_size
+    # torchvision's center_crop offsets, in the resized image, mapped back to the source.
+    left, top = round((new_width - SPEC.crop_size) / 2), round((new_height - SPEC.crop_size) / 2)
+    scale_x, scale_y = width / new_width, height / new_height
+    box = (left * scale_x, top * scale_y, (left + SPEC.crop_size) * scale_x, (top + SPEC.crop_size) * scale_y)
+    cropped = image.resize((SPEC.crop_size, SPEC.crop_size), Image.Resampling.BILINEAR, box=box)
+    tensor: torch.Tensor = F.pil_to_tensor(cropped)
+    return tensor
+
+
 def tv_decode(data: bytes) -> torch.Tensor:
     decoded = torchvision.io.decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8))
     resized = F.resize(decoded, [SPEC.resize_size], interpolation=SPEC.interpolation, antialias=True)
@@ -57,7 +75,7 @@ def tv_decode(data: bytes) -> torch.Tensor:
     return tensor
 
 
-ROUTES: dict[str, Route] = {"exact": exact, "pil-draft": pil_draft, "tv-decode": tv_decode}
+ROUTES: dict[str, Route] = {"exact": exact, "pil-draft": pil_draft, "pil-box": pil_box, "tv-decode": tv_decode}
 
 
 def ms_per_image(route: Route, photos: Sequence[Photo], seconds: float) -> float:
