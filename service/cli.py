@@ -31,6 +31,8 @@ SERVE_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--missing-weights", "missing_weights", str,
      "when a model has no weights file: fail (default), fetch, random, fetch-or-random"),
     ("--random-seed", "random_seed", int, "seed for generated random-init weights (default 0)"),
+    ("--weights-base-url", "weights_base_url", str,
+     "where --missing-weights fetch downloads from (default download.pytorch.org/models/; or a mirror)"),
     ("--host", "host", str, "address to bind (default 127.0.0.1)"),
     ("--port", "port", int, "port to bind (default 8080)"),
     ("--workers", "workers", int,
@@ -56,6 +58,16 @@ SERVE_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--log-level", "log_level", str, "debug, info (default), warning, error"),
 ]  # fmt: skip
 
+# On/off settings: `--flag` / `--no-flag`, and RESNET_SERVE_<FIELD>=true|false.
+SERVE_SWITCHES: list[tuple[str, str, str]] = [
+    ("--access-log", "access_log", "log each request (default off)"),
+    ("--channels-last", "channels_last", "channels_last memory format (default on)"),
+    ("--cuda-graphs", "cuda_graphs", "capture one CUDA graph per batch bucket at startup (default: on with CUDA)"),
+    ("--compile", "compile", "torch.compile the model, one shape per bucket, at startup (default off)"),
+    ("--decode-on-device", "decode_on_device",
+     "decode JPEGs in batches on the GPU (nvJPEG) instead of on CPU threads (default off)"),
+]  # fmt: skip
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _build_parser()
@@ -75,25 +87,8 @@ def _build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the HTTP server")
     for flag, _field, type_, help_ in SERVE_FLAGS:
         serve.add_argument(flag, type=type_, default=None, help=help_)
-    serve.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=None, help="log each request")
-    serve.add_argument(
-        "--channels-last", action=argparse.BooleanOptionalAction, default=None, help="channels_last memory format"
-    )
-    serve.add_argument(
-        "--cuda-graphs",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="capture one CUDA graph per batch bucket at startup (default: on with CUDA)",
-    )
-    serve.add_argument(
-        "--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model (default off)"
-    )
-    serve.add_argument(
-        "--decode-on-device",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="decode JPEGs in batches on the GPU (nvJPEG) instead of on CPU threads (default off)",
-    )
+    for flag, _field, help_ in SERVE_SWITCHES:
+        serve.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
     serve.set_defaults(handler=_serve)
 
     weights = commands.add_parser("weights", help="manage weights files").add_subparsers(title="weights commands")
@@ -141,12 +136,8 @@ def _serve(args: argparse.Namespace) -> int:
     from service.errors import StartupError
     from service.models.registry import resolve_specs
 
-    overrides = {field: getattr(args, flag.lstrip("-").replace("-", "_")) for flag, field, _, _ in SERVE_FLAGS}
-    overrides["access_log"] = args.access_log
-    overrides["channels_last"] = args.channels_last
-    overrides["cuda_graphs"] = args.cuda_graphs
-    overrides["compile"] = args.compile
-    overrides["decode_on_device"] = args.decode_on_device
+    flags = [(flag, field) for flag, field, _, _ in SERVE_FLAGS] + [(flag, field) for flag, field, _ in SERVE_SWITCHES]
+    overrides = {field: getattr(args, flag.lstrip("-").replace("-", "_")) for flag, field in flags}
     try:
         settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
         resolve_specs(settings.models)

@@ -7,7 +7,6 @@ import contextlib
 import signal
 import socket
 import time
-from pathlib import Path
 
 import httpx
 import pytest
@@ -17,13 +16,6 @@ from service.models.weights import write_random
 from tests.integration.live import multipart_request, open_loop, running, spawn, wait_ready
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("live-weights")
-    write_random(CATALOG["resnet18v1"], 0, directory)
-    return directory
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -20,13 +20,6 @@ from tests.integration.live import LiveServer, spawn, wait_ready
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("worker-weights")
-    write_random(CATALOG["resnet18v1"], 0, directory)
-    return directory
-
-
 def worker_pids(server: LiveServer) -> list[int]:
     """The supervisor's worker processes (not multiprocessing's resource tracker)."""
     children = Path(f"/proc/{server.pid}/task/{server.pid}/children").read_text().split()

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from service.cli import SERVE_FLAGS, main
+from service.cli import SERVE_FLAGS, SERVE_SWITCHES, main
 from service.config import Settings
 from tests.conftest import REPO
 from tests.unit.conftest import OneFile
@@ -51,11 +51,13 @@ def test_serve_rejects_bad_settings_before_starting(capsys):
     assert "unknown model 'vgg16'" in capsys.readouterr().err
 
 
-def test_every_serve_flag_is_a_setting():
+def test_every_serve_flag_is_a_setting_and_every_setting_a_flag():
     fields = set(Settings.model_fields)
-    for flag, field, _, _ in SERVE_FLAGS:
+    flags = [(flag, field) for flag, field, _, _ in SERVE_FLAGS] + [(flag, field) for flag, field, _ in SERVE_SWITCHES]
+    for flag, field in flags:
         assert field in fields, flag
         assert flag == "--" + field.replace("_", "-")
+    assert {field for _, field in flags} == fields
 
 
 @pytest.mark.parametrize("entry", [[sys.executable, "-m", "service"], [str(REPO / ".venv/bin/resnet-serve")]])
