@@ -10,10 +10,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.platform_collector import PlatformCollector
@@ -102,7 +104,7 @@ class Metrics:
             f"{PREFIX}_ready", "1 when every model is loaded and warm", registry=registry, multiprocess_mode="livemin"
         )
         if self._multiprocess_dir is None:
-            # Per-process figures: with several workers, one worker's own would misrepresent the server.
+            # Per-process figures: with several workers, WorkerProcessesCollector reports each one.
             ProcessCollector(registry=registry)
             PlatformCollector(registry=registry)
             GCCollector(registry=registry)
@@ -122,6 +124,7 @@ class Metrics:
             return generate_latest(self.registry)
         combined = CollectorRegistry()
         MultiProcessCollector(combined, path=self._multiprocess_dir)  # type: ignore[no-untyped-call]
+        combined.register(WorkerProcessesCollector(self._multiprocess_dir))
         for collector in self._host_collectors:
             combined.register(collector)
         return generate_latest(combined)
@@ -174,6 +177,38 @@ class ModelObserver:
 
     def on_depth(self, depth: int) -> None:
         self._depth.set(depth)
+
+
+class WorkerProcessesCollector:
+    """CPU, memory and open files of every live worker, with a `pid` label: prometheus-client's own
+    process collector sees only the process that answers the scrape. The workers are the pids that
+    write to the multiprocess directory (`counter_<pid>.db`, ...)."""
+
+    _PID_IN_NAME = re.compile(r"_(\d+)\.db$")
+
+    def __init__(self, multiprocess_dir: str) -> None:
+        self._dir = Path(multiprocess_dir)
+
+    def collect(self) -> Iterable[Metric]:
+        cpu = CounterMetricFamily("process_cpu_seconds", "User and system CPU time of a worker", labels=["pid"])
+        memory = GaugeMetricFamily("process_resident_memory_bytes", "Resident memory of a worker", labels=["pid"])
+        files = GaugeMetricFamily("process_open_fds", "Open file descriptors of a worker", labels=["pid"])
+        page_size, ticks = os.sysconf("SC_PAGE_SIZE"), os.sysconf("SC_CLK_TCK")
+        pids = {int(m.group(1)) for path in self._dir.glob("*.db") if (m := self._PID_IN_NAME.search(path.name))}
+        for pid in sorted(pids):
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                resident_pages = int(Path(f"/proc/{pid}/statm").read_text().split()[1])
+                open_fds = len(os.listdir(f"/proc/{pid}/fd"))
+            except (OSError, IndexError, ValueError):  # gone since its files were written
+                continue
+            label = [str(pid)]
+            cpu.add_metric(label, (int(stat[11]) + int(stat[12])) / ticks)
+            memory.add_metric(label, float(resident_pages * page_size))
+            files.add_metric(label, float(open_fds))
+        yield cpu
+        yield memory
+        yield files
 
 
 class CudaMemoryCollector:

@@ -54,6 +54,9 @@ def test_two_workers_answer_correctly_and_sum_their_metrics(weights, tmp_path, p
         capacity = server.metric("resnet_serve_queue_capacity", model="resnet18v1")
         ready = server.metric("resnet_serve_ready")
         files = sorted(path.name for path in metrics_dir.glob("counter_*.db"))
+        # Each worker's own process figures, not just those of the worker that answers the scrape.
+        memory = [server.metric("process_resident_memory_bytes", pid=str(pid)) for pid in pids]
+        cpu = [server.metric("process_cpu_seconds_total", pid=str(pid)) for pid in pids]
     finally:
         code = server.stop()
     assert len(pids) == 2, server.log()
@@ -65,6 +68,8 @@ def test_two_workers_answer_correctly_and_sum_their_metrics(weights, tmp_path, p
     assert capacity == 2 * 64
     assert ready == 1
     assert files == sorted(f"counter_{pid}.db" for pid in pids)
+    assert all(rss > 100e6 for rss in memory), memory  # each holds a resnet18 and torch
+    assert all(seconds > 0 for seconds in cpu), cpu
     assert code == 0, server.log()
 
 
