@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import math
+import multiprocessing
 import os
 import random
 import re
@@ -485,22 +487,23 @@ async def run_level(
     client: str = "raw",
     model: str | None = None,
     seed: int = 0,
+    processes: int = 1,
 ) -> LoadResult:
-    """One load run with the server's metrics scraped just before and just after it."""
+    """One load run with the server's metrics scraped just before and just after it. With
+    `processes` > 1 the clients (or the arrival rate) are split over that many generator processes,
+    for servers that answer more requests a second than one Python process can send."""
     before = await asyncio.to_thread(scrape, target)
-    async with Sender(target, photos, client) as sender:
-        cpu0 = time.process_time()
-        if rate is not None:
-            tally, elapsed = await open_loop(sender, rate, duration_s=duration_s, arrival=arrival, seed=seed)
-            mode, level = "open", rate
-        else:
-            assert concurrency is not None
-            tally, elapsed = await closed_loop(
-                sender, concurrency, duration_s=duration_s, max_requests=max_requests, seed=seed
-            )
-            mode, level = "closed", float(concurrency)
-        cpu = time.process_time() - cpu0
-        sample = sender.sample
+    mode, level = ("open", rate) if rate is not None else ("closed", float(concurrency or 0))
+    if processes > 1:
+        tally, elapsed, cpu, sample = await _run_sharded(
+            target, photos, processes, concurrency=concurrency, rate=rate, duration_s=duration_s,
+            max_requests=max_requests, arrival=arrival, client=client, seed=seed,
+        )  # fmt: skip
+    else:
+        tally, elapsed, cpu, sample = await _run_shard(
+            target, photos, concurrency=concurrency, rate=rate, duration_s=duration_s,
+            max_requests=max_requests, arrival=arrival, client=client, seed=seed,
+        )  # fmt: skip
     after = await asyncio.to_thread(scrape, target)
     server = ServerStats.from_delta(before, after, model) if before is not None and after is not None else None
     return LoadResult(
@@ -516,6 +519,71 @@ async def run_level(
         server=server,
         sample=sample,
     )
+
+
+async def _run_shard(
+    target: Target,
+    photos: Sequence[Photo],
+    *,
+    concurrency: int | None,
+    rate: float | None,
+    duration_s: float,
+    max_requests: int | None,
+    arrival: str,
+    client: str,
+    seed: int,
+) -> tuple[_Tally, float, float, Any]:
+    """One process's share of a level: (tally, elapsed s, generator CPU s, a sample answer)."""
+    async with Sender(target, photos, client) as sender:
+        cpu0 = time.process_time()
+        if rate is not None:
+            tally, elapsed = await open_loop(sender, rate, duration_s=duration_s, arrival=arrival, seed=seed)
+        else:
+            assert concurrency is not None
+            tally, elapsed = await closed_loop(
+                sender, concurrency, duration_s=duration_s, max_requests=max_requests, seed=seed
+            )
+        return tally, elapsed, time.process_time() - cpu0, sender.sample
+
+
+def _shard_in_process(kwargs: dict[str, Any]) -> tuple[list[float], dict[str, int], float, float]:
+    tally, elapsed, cpu, _ = asyncio.run(_run_shard(**kwargs))
+    return tally.latencies, dict(tally.errors), elapsed, cpu
+
+
+async def _run_sharded(
+    target: Target,
+    photos: Sequence[Photo],
+    processes: int,
+    *,
+    concurrency: int | None,
+    rate: float | None,
+    max_requests: int | None,
+    **common: Any,
+) -> tuple[_Tally, float, float, Any]:
+    shards: list[dict[str, Any]] = []
+    for index in range(processes):
+        share: dict[str, Any] = {"concurrency": None, "rate": None, "max_requests": None}
+        if rate is not None:
+            share["rate"] = rate / processes
+        else:
+            assert concurrency is not None
+            share["concurrency"] = concurrency // processes + (1 if index < concurrency % processes else 0)
+            if share["concurrency"] == 0:
+                continue
+        if max_requests is not None:
+            share["max_requests"] = max(1, max_requests // processes)
+        shards.append({"target": target, "photos": list(photos), **common, **share, "seed": common["seed"] + index})
+    loop = asyncio.get_running_loop()
+    # Spawned, not forked: a fork of a process with a running event loop and threads is unsafe.
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=len(shards), mp_context=context) as pool:
+        parts = await asyncio.gather(*(loop.run_in_executor(pool, _shard_in_process, shard) for shard in shards))
+    tally = _Tally()
+    for latencies, errors, _, _ in parts:
+        tally.latencies.extend(latencies)
+        tally.errors.update(errors)
+    return tally, max(part[2] for part in parts), sum(part[3] for part in parts), None
 
 
 # -- reporting ------------------------------------------------------------------------------------
@@ -598,6 +666,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--client", choices=("raw", "httpx"), default="raw")
     parser.add_argument("--json", default=None, help="write the results here as JSON")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--processes", type=int, default=1, help="generator processes sharing the clients or the rate (default 1)"
+    )
     return parser
 
 
@@ -627,7 +698,7 @@ async def _main_async(args: argparse.Namespace) -> int:
             result = await run_level(
                 target, photos, concurrency=concurrency, rate=rate, duration_s=args.duration,
                 max_requests=args.requests, arrival=args.arrival, client=args.client, model=args.model,
-                seed=args.seed,
+                seed=args.seed, processes=args.processes,
             )  # fmt: skip
             row.append(result)
             results.append(result)
