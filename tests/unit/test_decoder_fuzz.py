@@ -191,3 +191,37 @@ def test_an_animation_or_multipage_file_is_served_by_its_first_frame(fmt, option
     image = decode(buffer.getvalue(), max_pixels=MAX_PIXELS)
     red, green, blue = image.getpixel((20, 15))
     assert red > 200 and green < 60 and blue < 60, (fmt, image.getpixel((20, 15)))
+
+
+def device_outcome(data: bytes) -> torch.Tensor | None:
+    """The `--decode-on-device` route (header on the host, pixels by torchvision's decoder, here on
+    the CPU device, host fallback), which must also refuse or serve and never raise anything else."""
+    from service.imaging import inspect_jpeg
+    from service.models.device_decode import decode_batch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            encoded = inspect_jpeg(data, SPEC, max_pixels=MAX_PIXELS)
+        except (InvalidInput, UnsupportedMediaType):
+            return None
+        if encoded is None:  # not for the device: the host path, fuzzed above
+            return outcome(data)
+        (tensor,) = decode_batch([encoded], SPEC, torch.device("cpu"))
+    if tensor is None:  # the device decoder gave up: the host path decides
+        return outcome(data)
+    assert tensor.shape == (3, SPEC.crop_size, SPEC.crop_size)
+    assert tensor.dtype == torch.uint8
+    return tensor
+
+
+@FUZZ
+@given(mutants())
+def test_mutated_real_images_through_the_device_decoder(data):
+    device_outcome(data)
+
+
+@FUZZ
+@given(st.binary(max_size=2048))
+def test_arbitrary_bytes_behind_a_jpeg_magic_through_the_device_decoder(rest):
+    device_outcome(b"\xff\xd8\xff" + rest)
