@@ -158,7 +158,11 @@ def _serve(args: argparse.Namespace) -> int:
     if settings.workers > 1:
         from service.supervisor import run_workers
 
-        return run_workers(settings, serve_in_worker)
+        try:
+            return run_workers(settings, serve_in_worker)
+        except OSError as exc:  # the port is taken, or the address is not this host's
+            print(f"resnet-serve: cannot listen on {settings.host}:{settings.port}: {exc}", file=sys.stderr)
+            return 1
     return _run_server(settings, listener=None)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import math
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -24,6 +25,7 @@ import socket
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
@@ -40,6 +42,7 @@ logger = logging.getLogger(__name__)
 Worker = Callable[[Settings, socket.socket, Callable[[], None]], int]
 
 _PR_SET_PDEATHSIG = 1
+_KILL_AFTER_GRACE_S = 10.0
 
 
 def run_workers(settings: Settings, worker: Worker) -> int:
@@ -55,11 +58,14 @@ def run_workers(settings: Settings, worker: Worker) -> int:
         for index in range(settings.workers)
     ]
     stopping = False
+    # A worker that outlives its own grace period (a forward that never returns) is killed.
+    kill_at = math.inf
 
     def stop_all(reason: str) -> None:
-        nonlocal stopping
+        nonlocal stopping, kill_at
         if not stopping:
             logger.info("%s: draining %d workers", reason, len(workers))
+            kill_at = time.monotonic() + settings.shutdown_grace_s + _KILL_AFTER_GRACE_S
         stopping = True
         for process in workers:
             if process.pid is not None and process.is_alive():
@@ -77,7 +83,16 @@ def run_workers(settings: Settings, worker: Worker) -> int:
         logger.info("listening on http://%s:%d with %d worker processes", host, port, len(workers))
         running = {process.sentinel: process for process in workers}
         while running:
-            for sentinel in multiprocessing.connection.wait(list(running)):
+            timeout = None if math.isinf(kill_at) else max(0.0, kill_at - time.monotonic())
+            exited = multiprocessing.connection.wait(list(running), timeout=timeout)
+            if not exited and time.monotonic() >= kill_at:
+                failed = True
+                for process in running.values():
+                    logger.error("worker %s (pid %s) did not stop in time: killing it", process.name, process.pid)
+                    process.kill()
+                kill_at = math.inf
+                continue
+            for sentinel in exited:
                 assert isinstance(sentinel, int)
                 process = running.pop(sentinel)
                 process.join()

@@ -6,6 +6,9 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -139,3 +142,33 @@ def test_sigterm_while_the_workers_load_is_a_clean_exit(weights, tmp_path):
         server.stop(signal.SIGKILL)
     assert code == 0, server.log()
     assert "exited with code" not in server.log()
+
+
+def test_a_worker_that_will_not_stop_is_killed_after_the_grace_period(weights, tmp_path):
+    server = spawn(weights, tmp_path / "server.log", "--workers", "2", "--shutdown-grace-s", "1")
+    try:
+        wait_ready(server)
+        frozen, other = worker_pids(server)
+        os.kill(frozen, signal.SIGSTOP)  # a worker that can no longer act on SIGTERM
+        server.process.send_signal(signal.SIGTERM)
+        code = server.process.wait(timeout=40)
+    finally:
+        server.stop(signal.SIGKILL)
+    assert code == 1
+    assert f"(pid {frozen}) did not stop in time: killing it" in server.log()
+    assert not Path(f"/proc/{frozen}").exists() and not Path(f"/proc/{other}").exists()
+
+
+def test_a_port_in_use_is_one_clear_line(weights, tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "service", "serve", "--weights-dir", str(weights), "--workers", "2",
+             "--port", str(port)],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+    assert result.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stderr
