@@ -8,8 +8,9 @@ while an exception the handler returns in an item's place fails that item alone.
 `max_in_flight` batches may be in the handler at once (1 by default). With 2, the next batch is taken
 and handed over while the current one computes, so a GPU handler can copy it to the device meanwhile.
 
-Admission is separate from submission so that the HTTP edge can refuse a request *before* it reads
-and decodes the body: `reserve()` takes slots up front, `Reservation.submit()` spends them.
+Admission (`service/admission.py`) decides who may queue; the batcher gives an item's slot back when
+it takes the item off the queue. If the collector ever dies, every queued caller is failed at once
+and `on_failure` is told why, so that readiness can turn failed instead of every request timing out.
 """
 
 from __future__ import annotations
@@ -17,13 +18,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Generic, Protocol, TypeVar
+from dataclasses import dataclass
+from typing import Generic, TypeVar
 
-from service.errors import DeadlineExceeded, InferenceFailed, QueueFull, ServeError, ServiceUnavailable
+from service.admission import Admission
+from service.errors import DeadlineExceeded, InferenceFailed, ServeError, ServiceUnavailable
+from service.observers import BatchObserver, GuardedObserver, NullObserver
 
 InT = TypeVar("InT")
 OutT = TypeVar("OutT")
@@ -34,29 +36,6 @@ logger = logging.getLogger(__name__)
 BatchHandler = Callable[[list[InT]], Awaitable[Sequence[OutT | BaseException]]]
 
 
-class BatchObserver(Protocol):
-    """What the batcher reports; the metrics module implements it, tests may record it."""
-
-    def on_batch(self, size: int, queue_waits_s: Sequence[float]) -> None: ...
-    def on_forward(self, duration_s: float, failed: bool) -> None: ...
-    def on_dropped(self, reason: str, count: int) -> None: ...
-    def on_depth(self, depth: int) -> None: ...
-
-
-class NullObserver:
-    def on_batch(self, size: int, queue_waits_s: Sequence[float]) -> None:
-        pass
-
-    def on_forward(self, duration_s: float, failed: bool) -> None:
-        pass
-
-    def on_dropped(self, reason: str, count: int) -> None:
-        pass
-
-    def on_depth(self, depth: int) -> None:
-        pass
-
-
 @dataclass(eq=False)
 class Ticket(Generic[InT, OutT]):
     """One submitted item: its future resolves to the handler's output for it."""
@@ -65,46 +44,17 @@ class Ticket(Generic[InT, OutT]):
     future: asyncio.Future[OutT]
     deadline: float
     enqueued_at: float
-    _batcher: MicroBatcher[InT, OutT] = field(repr=False)
+    # Told why an item was withdrawn (a `rejected_total` reason), or None when that is not a rejection.
+    on_abandon: Callable[[str | None], None]
     taken: bool = False
 
-    def abandon(self, reason: str) -> bool:
+    def abandon(self, reason: str | None) -> bool:
         """Withdraw the item (caller gone or out of time); False if its forward already started."""
         if self.taken or self.future.done():
             return False
         self.future.cancel()
-        self._batcher._observer.on_dropped(reason, 1)
+        self.on_abandon(reason)
         return True
-
-
-class Reservation(Generic[InT, OutT]):
-    """Queue slots held by one admitted request, spent one per submitted image."""
-
-    def __init__(self, batcher: MicroBatcher[InT, OutT], count: int) -> None:
-        self._batcher = batcher
-        self.unspent = count
-
-    def grow(self, count: int) -> None:
-        self._batcher._admit(count)
-        self.unspent += count
-
-    def submit(self, item: InT, *, deadline: float) -> Ticket[InT, OutT]:
-        if self.unspent <= 0:
-            raise RuntimeError("submit() without a reserved slot")
-        self.unspent -= 1
-        return self._batcher._enqueue(item, deadline)
-
-    def release(self) -> None:
-        """Give back the slots that were never spent (a request that failed before submitting)."""
-        if self.unspent:
-            self._batcher._free(self.unspent)
-            self.unspent = 0
-
-    def __enter__(self) -> Reservation[InT, OutT]:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.release()
 
 
 class MicroBatcher(Generic[InT, OutT]):
@@ -112,22 +62,24 @@ class MicroBatcher(Generic[InT, OutT]):
         self,
         handler: BatchHandler[InT, OutT],
         *,
+        admission: Admission,
         max_batch_size: int,
         max_delay_s: float,
-        max_queue_size: int,
         observer: BatchObserver | None = None,
         name: str = "batcher",
         max_in_flight: int = 1,
+        on_failure: Callable[[str], None] | None = None,
     ) -> None:
-        if max_batch_size < 1 or max_queue_size < 1 or max_delay_s < 0 or max_in_flight < 1:
-            raise ValueError("max_batch_size, max_queue_size and max_in_flight must be >= 1, max_delay_s >= 0")
+        if max_batch_size < 1 or max_delay_s < 0 or max_in_flight < 1:
+            raise ValueError("max_batch_size and max_in_flight must be >= 1, max_delay_s >= 0")
         self.name = name
+        self.admission = admission
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
-        self.max_queue_size = max_queue_size
         self.max_in_flight = max_in_flight
         self._handler = handler
-        self._observer: BatchObserver = observer or NullObserver()
+        self._observer = GuardedObserver(observer or NullObserver(), name)
+        self._on_failure = on_failure
         self._queue: deque[Ticket[InT, OutT]] = deque()
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
@@ -135,11 +87,8 @@ class MicroBatcher(Generic[InT, OutT]):
         self._busy = 0  # batches being collected or in the handler
         self._in_flight_slots = asyncio.Semaphore(max_in_flight)
         self._runs: set[asyncio.Task[None]] = set()
-        self._slots_in_use = 0
-        self._closing = False
         self._task: asyncio.Task[None] | None = None
-        # An estimate of forward time per image, for an honest Retry-After.
-        self._seconds_per_item = 0.05
+        self.failure: str | None = None
         self.batches_run = 0
         self.items_run = 0
 
@@ -148,78 +97,74 @@ class MicroBatcher(Generic[InT, OutT]):
     def start(self) -> None:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._collect_forever(), name=self.name)
-
-    def stop_admitting(self) -> None:
-        """Refuse new reservations; what is queued still runs."""
-        self._closing = True
+            self._task.add_done_callback(self._collector_ended)
 
     async def close(self, timeout_s: float) -> int:
         """Refuse new work, finish what was admitted within `timeout_s`, then fail what is left.
 
         Returns how many queued items could not be served in time.
         """
-        self._closing = True
-        left = 0
+        self.admission.stop_admitting()
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout_s):
+            async with asyncio.timeout(max(0.0, timeout_s)):
                 while self._queue or not self._idle.is_set():
                     self._wakeup.set()
                     await self._idle.wait()
                     await asyncio.sleep(0)
-        for task in [self._task, *self._runs]:
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        tasks = [task for task in [self._task, *self._runs] if task is not None]
         self._task = None
-        while self._queue:
-            ticket = self._queue.popleft()
-            if not ticket.future.done():
-                left += 1
-                ticket.future.set_exception(ServiceUnavailable("the server shut down before this image ran"))
-        return left
-
-    @property
-    def closing(self) -> bool:
-        return self._closing
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            # asyncio.wait, not `await task`: the tasks' CancelledError stays theirs, while one aimed
+            # at close() itself still reaches its caller.
+            await asyncio.wait(tasks)
+        return self._fail_queued(ServiceUnavailable("the server shut down before this image ran"))
 
     @property
     def depth(self) -> int:
         """Slots held by admitted images that have not reached a forward yet."""
-        return self._slots_in_use
+        return self.admission.in_use
 
-    # -- admission ----------------------------------------------------------------------------------
+    @property
+    def healthy(self) -> bool:
+        return self.failure is None
 
-    def reserve(self, count: int = 1) -> Reservation[InT, OutT]:
-        self._admit(count)
-        return Reservation(self, count)
+    # -- submission ---------------------------------------------------------------------------------
 
-    def _admit(self, count: int) -> None:
-        if self._closing:
-            raise ServiceUnavailable("the server is draining and accepts no new work")
-        if self._slots_in_use + count > self.max_queue_size:
-            self._observer.on_dropped("queue_full", count)
-            raise QueueFull(
-                f"the queue for this model is full ({self._slots_in_use} of {self.max_queue_size} images "
-                "waiting); retry after the Retry-After seconds",
-                retry_after_s=self._retry_after_s(),
-            )
-        self._slots_in_use += count
-        self._observer.on_depth(self._slots_in_use)
-
-    def _free(self, count: int) -> None:
-        self._slots_in_use -= count
-        self._observer.on_depth(self._slots_in_use)
-
-    def _retry_after_s(self) -> int:
-        return max(1, math.ceil(self._slots_in_use * self._seconds_per_item))
-
-    def _enqueue(self, item: InT, deadline: float) -> Ticket[InT, OutT]:
+    def enqueue(self, item: InT, *, deadline: float) -> Ticket[InT, OutT]:
+        """Queue an item whose admission slot is already held (see `Reservation.spend`)."""
+        if self.failure is not None:
+            raise ServiceUnavailable(f"the batcher of this model failed: {self.failure}")
         loop = asyncio.get_running_loop()
-        ticket: Ticket[InT, OutT] = Ticket(item, loop.create_future(), deadline, loop.time(), self)
+        ticket: Ticket[InT, OutT] = Ticket(item, loop.create_future(), deadline, loop.time(), self._abandoned)
         self._queue.append(ticket)
         self._wakeup.set()
         return ticket
+
+    def _abandoned(self, reason: str | None) -> None:
+        if reason is not None:
+            self._observer.on_dropped(reason, 1)
+
+    def _fail_queued(self, error: ServeError) -> int:
+        left = 0
+        while self._queue:
+            ticket = self._queue.popleft()
+            self.admission.release(1)
+            if not ticket.future.done():
+                left += 1
+                ticket.future.set_exception(error)
+        return left
+
+    def _collector_ended(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or task is not self._task:
+            return
+        error = task.exception()
+        self.failure = f"{type(error).__name__}: {error}" if error is not None else "the collector stopped"
+        logger.error("%s: the batch collector died (%s); the model is failed", self.name, self.failure)
+        self._fail_queued(ServiceUnavailable(f"the batcher of this model failed: {self.failure}"))
+        if self._on_failure is not None:
+            self._on_failure(self.failure)
 
     # -- the collector ------------------------------------------------------------------------------
 
@@ -259,6 +204,13 @@ class MicroBatcher(Generic[InT, OutT]):
     async def _run_then_release(self, batch: list[Ticket[InT, OutT]], loop: asyncio.AbstractEventLoop) -> None:
         try:
             await self._run(batch, loop)
+        except Exception:
+            # _run answers every caller itself; this is the net under a bug in it, so that no
+            # caller waits for a future that nothing will ever resolve.
+            logger.exception("%s: a batch run failed unexpectedly", self.name)
+            for ticket in batch:
+                if not ticket.future.done():
+                    ticket.future.set_exception(InferenceFailed("the model failed on this batch"))
         finally:
             self._end()
 
@@ -266,7 +218,7 @@ class MicroBatcher(Generic[InT, OutT]):
         # The window opened when the oldest item arrived: items that queued up during the previous
         # forward are already past it, so a loaded server never waits here.
         window_closes = self._queue[0].enqueued_at + self.max_delay_s
-        while len(self._queue) < self.max_batch_size and not self._closing:
+        while len(self._queue) < self.max_batch_size and not self.admission.closing:
             remaining = window_closes - loop.time()
             if remaining <= 0:
                 return
@@ -293,7 +245,7 @@ class MicroBatcher(Generic[InT, OutT]):
                 continue
             ticket.taken = True
             batch.append(ticket)
-        self._free(taken)
+        self.admission.release(taken)
         if expired:
             self._observer.on_dropped("deadline", expired)
         return batch
@@ -331,4 +283,5 @@ class MicroBatcher(Generic[InT, OutT]):
             self._observer.on_forward(duration, failed)
         self.batches_run += 1
         self.items_run += len(batch)
-        self._seconds_per_item = 0.8 * self._seconds_per_item + 0.2 * (duration / len(batch))
+        estimate = self.admission.seconds_per_item
+        self.admission.seconds_per_item = 0.8 * estimate + 0.2 * (duration / len(batch))

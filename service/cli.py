@@ -16,7 +16,7 @@ import uvicorn
 from pydantic import ValidationError
 
 from service import memory
-from service.api.state import ServerState
+from service.engine import Engine
 
 if TYPE_CHECKING:
     from service.api.app import ModelLoader
@@ -247,7 +247,7 @@ class _DrainingServer(uvicorn.Server):
     uvicorn then stops accepting, lets in-flight requests finish within the grace period, and
     the lifespan drains the batchers."""
 
-    def __init__(self, config: uvicorn.Config, state: ServerState, early_signals: list[int]) -> None:
+    def __init__(self, config: uvicorn.Config, state: Engine, early_signals: list[int]) -> None:
         super().__init__(config)
         self._state = state
         self._early_signals = early_signals
@@ -259,7 +259,7 @@ class _DrainingServer(uvicorn.Server):
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if sig in (signal.SIGTERM, signal.SIGINT):
-            logger.info("signal %s: draining (grace %ss)", sig, self._state.settings.shutdown_grace_s)
+            logger.info("signal %s: draining (grace %ss)", sig, self._state.plan.shutdown_grace_s)
             self._state.begin_drain()
         super().handle_exit(sig, frame)
 

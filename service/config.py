@@ -149,6 +149,10 @@ class Settings(BaseSettings):
         return self.max_batches_in_flight
 
     @property
+    def max_delay_s(self) -> float:
+        return self.delay_s
+
+    @property
     def queue_size(self) -> int:
         assert self.max_queue_size is not None, "call resolved() first"
         return self.max_queue_size
@@ -162,3 +166,7 @@ def power_of_two_buckets(max_batch_size: int) -> tuple[int, ...]:
         sizes.add(size)
         size *= 2
     return tuple(sorted(sizes))
+
+
+# TEMPORARY stand-in until the resolved plan lands.
+ServerPlan = Settings

@@ -26,7 +26,9 @@ logger = logging.getLogger(__name__)
 
 PREFIX = "resnet_serve"
 ROUTES = ("predict", "predictions")
-REJECT_REASONS = ("queue_full", "deadline", "disconnected", "bad_input", "too_large")
+# request_failed: dropped because another image of the same request failed; cancelled: its request
+# was cancelled (the server stopped waiting for it at shutdown).
+REJECT_REASONS = ("queue_full", "deadline", "disconnected", "bad_input", "too_large", "request_failed", "cancelled")
 # Every status a model route can answer, created up front so that the first error of a kind is an
 # increase that rate() sees, not the birth of a series that it misses.
 STATUS_CODES = ("200", "400", "404", "408", "413", "415", "429", "499", "500", "503", "504", "507")

@@ -7,20 +7,20 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from service.api.schemas import ERROR_RESPONSES, BatchingInfo, HealthStatus, ModelInfo, ModelList, WeightsInfo
-from service.api.state import Phase, ServedModel, ServerState
+from service.engine import Engine, ModelPipeline, Phase
 
 router = APIRouter()
 
 
-def _state(request: Request) -> ServerState:
-    state: ServerState = request.app.state.server
-    return state
+def _engine(request: Request) -> Engine:
+    engine: Engine = request.app.state.server
+    return engine
 
 
 @router.get("/ping", tags=["health"], response_model=HealthStatus, responses={503: {"model": HealthStatus}})
 async def ping(request: Request) -> JSONResponse:
     """`Healthy` only when every model is loaded and warm (TorchServe's contract)."""
-    healthy = _state(request).phase is Phase.READY
+    healthy = _engine(request).phase is Phase.READY
     return JSONResponse({"status": "Healthy" if healthy else "Unhealthy"}, status_code=200 if healthy else 503)
 
 
@@ -33,30 +33,30 @@ async def live() -> JSONResponse:
 @router.get("/health/ready", tags=["health"], response_model=HealthStatus, responses={503: {"model": HealthStatus}})
 async def ready(request: Request) -> JSONResponse:
     """200 while serving; 503 while starting, draining or after a failed start."""
-    phase = _state(request).phase
+    phase = _engine(request).phase
     return JSONResponse({"status": phase.value}, status_code=200 if phase is Phase.READY else 503)
 
 
 @router.get("/models", tags=["models"], response_model=ModelList)
 async def list_models(request: Request) -> ModelList:
-    state = _state(request)
-    return ModelList(models=[describe(state, served) for served in state.models.values()])
+    engine = _engine(request)
+    return ModelList(models=[describe(engine, pipeline) for pipeline in engine.pipelines.values()])
 
 
 @router.get("/models/{model}", tags=["models"], response_model=ModelInfo, responses={404: ERROR_RESPONSES[404]})
 async def get_model(model: str, request: Request) -> ModelInfo:
-    state = _state(request)
-    return describe(state, state.lookup(model))
+    engine = _engine(request)
+    return describe(engine, engine.lookup(model))
 
 
 @router.get("/metrics", tags=["metrics"], response_class=Response)
 async def metrics(request: Request) -> Response:
     """Prometheus text exposition."""
-    return Response(_state(request).metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+    return Response(_engine(request).metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 
-def describe(state: ServerState, served: ServedModel) -> ModelInfo:
-    loaded, batcher = served.loaded, served.batcher
+def describe(engine: Engine, pipeline: ModelPipeline) -> ModelInfo:
+    loaded, batcher = pipeline.loaded, pipeline.batcher
     crop = loaded.preprocessing.crop_size
     weights = loaded.weights
     return ModelInfo(
@@ -66,13 +66,13 @@ def describe(state: ServerState, served: ServedModel) -> ModelInfo:
         parameters=loaded.num_parameters,
         input_size=[3, crop, crop],
         resize_size=loaded.preprocessing.resize_size,
-        device=str(state.device),
-        dtype=state.settings.dtype,
+        device=str(engine.device),
+        dtype=engine.plan.dtype,
         num_classes=len(loaded.labels),
         batching=BatchingInfo(
             max_batch_size=batcher.max_batch_size,
             max_delay_ms=batcher.max_delay_s * 1000,
-            max_queue_size=batcher.max_queue_size,
+            max_queue_size=pipeline.admission.capacity,
             queue_depth=batcher.depth,
             batches_run=batcher.batches_run,
             images_run=batcher.items_run,
@@ -81,7 +81,7 @@ def describe(state: ServerState, served: ServedModel) -> ModelInfo:
             buckets=list(loaded.runner.plan.buckets),
             cuda_graphs=loaded.runner.plan.cuda_graphs,
             compiled=loaded.runner.plan.compile,
-            decode_on_device=state.settings.decode_on_device,
+            decode_on_device=engine.plan.decode_on_device,
         ),
         weights=WeightsInfo(
             file=weights.path.name,

@@ -13,8 +13,9 @@ from prometheus_client import CollectorRegistry
 
 from service import __version__
 from service.api import admin, handlers, predict
-from service.api.state import ServerState
+from service.api.uploads import UploadLimits
 from service.config import Settings
+from service.engine import Engine
 from service.errors import StartupError
 from service.metrics import CudaMemoryCollector, Metrics
 from service.models.registry import LoadedModel, load_all
@@ -41,7 +42,7 @@ def create_app(
     metrics = Metrics(registry, max_batch_size=resolved.batch_size)
     if device.type == "cuda":
         metrics.add_host_collector(CudaMemoryCollector(range(torch.cuda.device_count())))
-    state = ServerState(resolved, metrics, device)
+    engine = Engine(resolved, metrics, device)
 
     async def load() -> None:
         try:
@@ -51,15 +52,15 @@ def create_app(
             message = str(exc) if isinstance(exc, StartupError) else f"{type(exc).__name__}: {exc}"
             # A StartupError is a known problem, said in one line; anything else gets its traceback.
             logger.error("startup failed: %s", message, exc_info=not isinstance(exc, StartupError))
-            state.mark_failed(message)
+            engine.mark_failed(f"startup failed: {message}")
             if on_startup_failure is not None:
                 on_startup_failure(message)
             if not background_load:
                 raise
             return
         for model in loaded.values():
-            state.add_model(model)
-        state.mark_ready()
+            engine.add_model(model)
+        engine.mark_ready()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -73,7 +74,7 @@ def create_app(
         finally:
             if loading is not None and not loading.done():
                 loading.cancel()
-            await state.close()
+            await engine.close()
 
     app = FastAPI(
         title="resnet-serve",
@@ -82,7 +83,10 @@ def create_app(
         '`{"code": int, "type": str, "message": str}`.',
         lifespan=lifespan,
     )
-    app.state.server = state
+    app.state.server = engine
+    app.state.upload_limits = UploadLimits(
+        max_bytes=resolved.max_upload_bytes, max_images=resolved.max_images_per_request
+    )
     handlers.install(app)
     app.include_router(admin.router)
     app.include_router(predict.router)

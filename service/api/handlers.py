@@ -34,6 +34,10 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     problems = "; ".join(
         f"{'.'.join(str(p) for p in error.get('loc', ()))}: {error.get('msg', 'invalid')}" for error in exc.errors()
     )
+    # Imported here: the prediction routes import this module's siblings, not the other way round.
+    from service.api.predict import count_refused_request
+
+    count_refused_request(request, 400)
     return error_response(400, "InvalidInput", f"invalid request: {problems}")
 
 

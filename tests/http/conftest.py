@@ -14,8 +14,8 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from service.api.app import create_app
-from service.api.state import ServerState
 from service.config import Settings
+from service.engine import Engine
 from service.models.registry import LoadedModel, load_all
 
 _loaded: dict[tuple[Any, ...], dict[str, LoadedModel]] = {}
@@ -26,10 +26,10 @@ def cached_loader(settings: Settings, device: torch.device) -> dict[str, LoadedM
     key = (
         settings.models,
         str(settings.weights_dir),
-        settings.batch_size,
+        settings.max_batch_size,
         settings.dtype,
         settings.channels_last,
-        settings.buckets,
+        settings.batch_buckets,
         settings.cuda_graphs,
         settings.compile,
     )
@@ -58,7 +58,7 @@ def client(make_settings) -> Iterator[TestClient]:
 
 class Served(NamedTuple):
     http: httpx.AsyncClient
-    state: ServerState
+    engine: Engine
 
 
 @pytest.fixture
@@ -71,14 +71,14 @@ def serve(make_settings) -> Callable[..., contextlib.AbstractAsyncContextManager
         async with app.router.lifespan_context(app):
             transport = httpx.ASGITransport(app=app)
             async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as http:
-                yield Served(http, server_state(app))
+                yield Served(http, server_engine(app))
 
     return start
 
 
-def server_state(app: FastAPI) -> ServerState:
-    state: ServerState = app.state.server
-    return state
+def server_engine(app: FastAPI) -> Engine:
+    engine: Engine = app.state.server
+    return engine
 
 
 def upload(data: bytes, name: str = "image.jpg") -> dict[str, Any]:

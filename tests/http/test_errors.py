@@ -114,7 +114,7 @@ async def test_too_many_parts_is_400(serve, photos):
 
 async def test_full_queue_is_429_with_retry_after_and_counted(serve, photos):
     async with serve(max_queue_size=2) as served:
-        held = served.state.models["resnet18v1"].batcher.reserve(2)
+        held = served.engine.pipelines["resnet18v1"].admit(2)
         response = await served.http.post("/resnet18v1/predict", **upload(photos["kitten.jpg"]))
         held.release()
         code, type_, _ = error_of(response)
@@ -128,7 +128,7 @@ async def test_full_queue_is_429_with_retry_after_and_counted(serve, photos):
 
 async def test_deadline_passing_in_the_queue_is_504_and_never_computed(serve, photos):
     async with serve(request_timeout_s=0.2, max_batch_size=1) as served:
-        runner = served.state.models["resnet18v1"].loaded.runner
+        runner = served.engine.pipelines["resnet18v1"].loaded.runner
         gate = asyncio.Event()
         original = runner.predict
         loop = asyncio.get_running_loop()
@@ -155,7 +155,7 @@ async def test_deadline_passing_in_the_queue_is_504_and_never_computed(serve, ph
 
 async def test_a_failing_forward_fails_only_its_batch(serve, photos):
     async with serve() as served:
-        runner = served.state.models["resnet18v1"].loaded.runner
+        runner = served.engine.pipelines["resnet18v1"].loaded.runner
         calls = {"n": 0}
         original = runner.predict
 
@@ -178,7 +178,7 @@ async def test_a_failing_forward_fails_only_its_batch(serve, photos):
 
 async def test_draining_refuses_new_work_with_503(serve, photos):
     async with serve() as served:
-        served.state.begin_drain()
+        served.engine.begin_drain()
         response = await served.http.post("/resnet18v1/predict", **upload(photos["kitten.jpg"]))
         assert error_of(response)[:2] == (503, "ServiceUnavailable")
         assert (await served.http.get("/health/ready")).json() == {"status": "draining"}
@@ -214,7 +214,7 @@ def test_every_model_answers_after_errors(client, photos):
 
 async def test_device_out_of_memory_is_507_for_that_batch_only(serve, photos):
     async with serve() as served:
-        runner = served.state.models["resnet18v1"].loaded.runner
+        runner = served.engine.pipelines["resnet18v1"].loaded.runner
 
         def out_of_memory(images):
             raise InsufficientStorage("the GPU is out of memory even for a single image")

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import pytest
 
+from service.admission import Admission
 from service.batching import MicroBatcher
 from service.errors import DeadlineExceeded, InferenceFailed, QueueFull, ServiceUnavailable
 
@@ -64,9 +65,9 @@ def make(
 ):
     batcher: MicroBatcher[int, int] = MicroBatcher(
         handler,
+        admission=Admission(queue, observer=observer),
         max_batch_size=batch,
         max_delay_s=delay,
-        max_queue_size=queue,
         observer=observer,
         max_in_flight=in_flight,
     )
@@ -75,8 +76,9 @@ def make(
 
 
 def submit(batcher: MicroBatcher[int, int], item: int, deadline: float = FAR):
-    with batcher.reserve(1) as reservation:
-        return reservation.submit(item, deadline=asyncio.get_running_loop().time() + deadline)
+    with batcher.admission.reserve(1) as reservation:
+        reservation.spend()
+        return batcher.enqueue(item, deadline=asyncio.get_running_loop().time() + deadline)
 
 
 async def test_a_full_batch_is_released_without_waiting_for_the_delay():
@@ -149,24 +151,14 @@ async def test_close_waits_for_every_batch_in_flight():
 async def test_a_full_queue_refuses_at_once_with_retry_after():
     drops = Drops()
     batcher = make(Recorder(), batch=2, queue=3, observer=drops)
-    reservation = batcher.reserve(3)
+    reservation = batcher.admission.reserve(3)
     with pytest.raises(QueueFull) as refused:
-        batcher.reserve(1)
+        batcher.admission.reserve(1)
     assert refused.value.status == 429
     assert int(refused.value.headers["Retry-After"]) >= 1
     assert drops.reasons == {"queue_full": 1}
     reservation.release()
-    batcher.reserve(1).release()  # slots came back
-    await batcher.close(timeout_s=1)
-
-
-async def test_growing_a_reservation_past_the_queue_is_refused():
-    batcher = make(Recorder(), queue=2)
-    with batcher.reserve(1) as reservation:
-        reservation.grow(1)
-        with pytest.raises(QueueFull):
-            reservation.grow(1)
-    assert batcher.depth == 0
+    batcher.admission.reserve(1).release()  # slots came back
     await batcher.close(timeout_s=1)
 
 
@@ -233,7 +225,7 @@ async def test_close_drains_admitted_work_and_refuses_new_work():
     closing = asyncio.create_task(batcher.close(timeout_s=5))
     await handler.entered.wait()
     with pytest.raises(ServiceUnavailable):
-        batcher.reserve(1)
+        batcher.admission.reserve(1)
     handler.gate.set()
     assert await closing == 0
     assert [t.future.result() for t in tickets] == [0, 10, 20, 30, 40]
@@ -257,9 +249,9 @@ async def test_close_fails_what_cannot_finish_within_the_grace_period():
 
 def test_settings_are_checked_including_in_flight():
     with pytest.raises(ValueError, match="max_in_flight"):
-        MicroBatcher(Recorder(), max_batch_size=1, max_delay_s=0, max_queue_size=1, max_in_flight=0)
+        MicroBatcher(Recorder(), admission=Admission(1), max_batch_size=1, max_delay_s=0, max_in_flight=0)
 
 
 def test_settings_are_checked():
     with pytest.raises(ValueError, match="max_batch_size"):
-        MicroBatcher(Recorder(), max_batch_size=0, max_delay_s=0, max_queue_size=1)
+        MicroBatcher(Recorder(), admission=Admission(1), max_batch_size=0, max_delay_s=0)

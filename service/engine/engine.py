@@ -1,0 +1,146 @@
+"""The serving engine: the server's phase, its thread pools, one pipeline per model, and the drain.
+
+Phases only move forward: STARTING → READY → DRAINING, or to FAILED. A drain that began while the
+models were still loading stays a drain when they finish. The drain has one deadline, set when it
+begins (SIGTERM): the HTTP server's wait for in-flight requests and the batchers' wait for queued
+images both end by it, so that shutdown takes the grace period once, not twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from enum import StrEnum
+
+import torch
+
+from service import memory
+from service.config import ServerPlan
+from service.engine.pipeline import ModelPipeline
+from service.engine.pools import Pools
+from service.errors import ModelNotFound, ServiceUnavailable
+from service.metrics import Metrics
+from service.models.catalog import find_spec
+from service.models.registry import LoadedModel
+
+logger = logging.getLogger(__name__)
+
+_TRIM_INTERVAL_S = 10.0
+
+
+class Phase(StrEnum):
+    STARTING = "starting"
+    READY = "ready"
+    DRAINING = "draining"
+    FAILED = "failed"
+
+
+class Engine:
+    def __init__(self, plan: ServerPlan, metrics: Metrics, device: torch.device) -> None:
+        self.plan = plan
+        self.metrics = metrics
+        self.device = device
+        self.phase = Phase.STARTING
+        self.failure: str | None = None
+        self.pipelines: dict[str, ModelPipeline] = {}
+        self.configured_models = {spec.name for name in plan.models if (spec := find_spec(name)) is not None}
+        self.pools = Pools(plan)
+        self.drain_deadline: float | None = None  # time.monotonic() by which the drain must end
+        self._trimmer: asyncio.Task[None] | None = None
+
+    # -- phases -------------------------------------------------------------------------------------
+
+    def add_model(self, loaded: LoadedModel) -> None:
+        pipeline = ModelPipeline(
+            loaded,
+            self.plan,
+            self.pools,
+            self.metrics,
+            on_failure=lambda reason: self.mark_failed(f"the batcher of {loaded.name} died: {reason}"),
+        )
+        self.metrics.init_model(loaded.name, queue_capacity=self.plan.max_queue_size)
+        self.metrics.model_info.labels(
+            loaded.name, loaded.spec.arch, str(self.device), self.plan.dtype, loaded.weights.describe()
+        ).set(1)
+        self.pipelines[loaded.name] = pipeline
+        if self.phase is Phase.DRAINING:
+            pipeline.admission.stop_admitting()
+        pipeline.start()
+
+    def mark_ready(self) -> None:
+        if self.phase is not Phase.STARTING:
+            logger.info("models loaded, but the server is %s: it stays so", self.phase.value)
+            return
+        self._trimmer = asyncio.get_running_loop().create_task(self._give_back_memory_periodically())
+        self.phase = Phase.READY
+        self.metrics.ready.set(1)
+        logger.info("ready: serving %s on %s", ", ".join(self.pipelines), self.device)
+
+    def mark_failed(self, message: str) -> None:
+        self.failure = message
+        self.metrics.ready.set(0)
+        if self.phase is Phase.DRAINING:
+            return
+        self.phase = Phase.FAILED
+        logger.error("the server is failed and refuses requests: %s", message)
+
+    def begin_drain(self) -> None:
+        """Readiness turns 503 and admission stops at once; admitted work still runs until the deadline."""
+        if self.drain_deadline is None:
+            self.drain_deadline = time.monotonic() + self.plan.shutdown_grace_s
+        self.phase = Phase.DRAINING
+        self.metrics.ready.set(0)
+        for pipeline in self.pipelines.values():
+            pipeline.admission.stop_admitting()
+
+    def drain_time_left_s(self) -> float:
+        if self.drain_deadline is None:
+            return self.plan.shutdown_grace_s
+        return max(0.0, self.drain_deadline - time.monotonic())
+
+    async def close(self) -> None:
+        if self._trimmer is not None:
+            self._trimmer.cancel()
+        self.begin_drain()
+        for pipeline in self.pipelines.values():
+            left = await pipeline.batcher.close(timeout_s=self.drain_time_left_s())
+            if left:
+                logger.warning("%s: %d queued images were not served within the grace period", pipeline.name, left)
+        await self.pools.close()
+
+    # -- lookups ------------------------------------------------------------------------------------
+
+    def lookup(self, name: str) -> ModelPipeline:
+        spec = find_spec(name)
+        pipeline = self.pipelines.get(spec.name) if spec is not None else None
+        if pipeline is None:
+            if self.phase in (Phase.STARTING, Phase.FAILED):
+                self.ensure_accepting()
+            loaded = ", ".join(self.pipelines)
+            raise ModelNotFound(f"model {name!r} is not served here; loaded models: {loaded}")
+        return pipeline
+
+    def metric_label(self, name: str) -> str:
+        """The model label for a request's metrics: a configured model's canonical name, even before it
+        has loaded; anything else is `unknown`, so a scan of random names cannot grow the label set."""
+        spec = find_spec(name)
+        if spec is not None and spec.name in self.configured_models:
+            return spec.name
+        return "unknown"
+
+    def ensure_accepting(self) -> None:
+        if self.phase is Phase.READY:
+            return
+        if self.phase is Phase.DRAINING:
+            raise ServiceUnavailable("the server is shutting down and accepts no new requests")
+        if self.phase is Phase.FAILED:
+            raise ServiceUnavailable(f"the server failed: {self.failure}")
+        raise ServiceUnavailable("the models are still loading; retry when /ping says Healthy")
+
+    async def _give_back_memory_periodically(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(_TRIM_INTERVAL_S)
+            # On the forward thread, so it never runs during a forward.
+            await loop.run_in_executor(self.pools.forward, memory.give_back_free_memory)
