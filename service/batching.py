@@ -127,6 +127,11 @@ class MicroBatcher(Generic[InT, OutT]):
         return self.admission.in_use
 
     @property
+    def queued(self) -> int:
+        """Items waiting in the queue (abandoned ones included until the collector skips them)."""
+        return len(self._queue)
+
+    @property
     def healthy(self) -> bool:
         return self.failure is None
 

@@ -69,9 +69,7 @@ async def predict_torchserve(model: str, request: Request, topk: TopK = None) ->
     return await _handle(request, model, topk, route="predictions", formatter=_torchserve)
 
 
-async def _handle(
-    request: Request, model: str, topk: int | None, *, route: str, formatter: Formatter
-) -> JSONResponse:
+async def _handle(request: Request, model: str, topk: int | None, *, route: str, formatter: Formatter) -> JSONResponse:
     engine: Engine = request.app.state.server
     metrics = engine.metrics
     arrived = time.perf_counter()

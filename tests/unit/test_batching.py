@@ -255,3 +255,70 @@ def test_settings_are_checked_including_in_flight():
 def test_settings_are_checked():
     with pytest.raises(ValueError, match="max_batch_size"):
         MicroBatcher(Recorder(), admission=Admission(1), max_batch_size=0, max_delay_s=0)
+
+
+class BrokenObserver(Drops):
+    def on_batch(self, size: int, queue_waits_s: Sequence[float]) -> None:
+        raise RuntimeError("a metrics bug")
+
+    def on_forward(self, duration_s: float, failed: bool) -> None:
+        raise RuntimeError("a metrics bug")
+
+
+async def test_a_failing_observer_never_leaves_a_caller_unanswered():
+    batcher = make(Recorder(), batch=2, delay=0.0, observer=BrokenObserver())
+    tickets = [submit(batcher, i) for i in range(3)]
+    results = await asyncio.wait_for(asyncio.gather(*(t.future for t in tickets)), 5)
+    assert results == [0, 10, 20]
+    assert batcher.healthy
+    await batcher.close(timeout_s=1)
+
+
+async def test_a_dead_collector_fails_its_callers_and_says_why(monkeypatch):
+    failures: list[str] = []
+    recorder = Recorder()
+    batcher: MicroBatcher[int, int] = MicroBatcher(
+        recorder, admission=Admission(10), max_batch_size=2, max_delay_s=0.0, on_failure=failures.append
+    )
+
+    def broken(loop: object) -> None:
+        raise RuntimeError("a bug in the collector")
+
+    monkeypatch.setattr(batcher, "_take_batch", broken)
+    batcher.start()
+    ticket = submit(batcher, 1)
+    with pytest.raises(ServiceUnavailable, match="a bug in the collector"):
+        await asyncio.wait_for(ticket.future, 5)
+    assert not batcher.healthy
+    assert failures and "a bug in the collector" in failures[0]
+    with pytest.raises(ServiceUnavailable):
+        submit(batcher, 2)
+    await batcher.close(timeout_s=1)
+
+
+async def test_close_keeps_a_cancellation_aimed_at_itself():
+    """close() waits for cancelled batch tasks; a cancel of close() itself must still reach its caller."""
+    cleanup = asyncio.Event()
+    entered = asyncio.Event()
+
+    async def stubborn(items: list[int]) -> list[int]:
+        entered.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            await cleanup.wait()  # slow to stop, like a forward that must finish its step
+            raise
+        return items
+
+    batcher: MicroBatcher[int, int] = MicroBatcher(stubborn, admission=Admission(4), max_batch_size=1, max_delay_s=0)
+    batcher.start()
+    submit(batcher, 1)
+    await asyncio.wait_for(entered.wait(), 5)
+    closing = asyncio.create_task(batcher.close(timeout_s=0))
+    for _ in range(5):
+        await asyncio.sleep(0)
+    closing.cancel()
+    cleanup.set()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(closing, 5)
+    assert closing.cancelled()
