@@ -1,4 +1,8 @@
-"""Startup: find (or fetch, or generate) each model's weights, build it, load it, warm it up."""
+"""Startup: find (or fetch, or generate) each model's weights, build it, load it, warm it up.
+
+With several workers, the supervisor calls `resolve_weights` once before they spawn and hands the
+result to each worker's `load_all`: one download, and every worker serves the same bytes.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +10,10 @@ import functools
 import io
 import logging
 import urllib.error
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from PIL import Image
@@ -20,15 +26,19 @@ from service.models.labels import labels_for
 from service.models.runner import DTYPES, ExecutionPlan, ModelRunner
 from service.models.weights import (
     Origin,
+    VerifiedWeights,
     WeightsFile,
-    build_model,
     candidate_names,
     classify,
     fetch_official,
     find_weights,
+    instantiate,
+    load_checkpoint,
     verify,
     write_random,
 )
+
+__all__ = ["LoadedModel", "VerifiedWeights", "load_all", "load_model", "obtain_weights", "resolve_weights"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +69,34 @@ def resolve_specs(names: tuple[str, ...]) -> list[ModelSpec]:
     return specs
 
 
-def obtain_weights(spec: ModelSpec, settings: Settings) -> WeightsFile:
+class WeightsSettings(Protocol):
+    """What obtaining weights reads: `Settings` and the resolved plan both provide it."""
+
+    @property
+    def models(self) -> tuple[str, ...]: ...
+    @property
+    def weights_dir(self) -> Path: ...
+    @property
+    def missing_weights(self) -> MissingWeightsPolicy: ...
+    @property
+    def random_seed(self) -> int: ...
+    @property
+    def weights_base_url(self) -> str: ...
+
+
+def resolve_weights(settings: WeightsSettings) -> dict[str, VerifiedWeights]:
+    """Obtain (find, fetch or write, per `--missing-weights`) and verify every configured model's
+    weights once, keyed by model name: what `load_all` then loads without obtaining again."""
+    resolved: dict[str, VerifiedWeights] = {}
+    for spec in resolve_specs(settings.models):
+        weights = obtain_weights(spec, settings)
+        sha256 = verify(weights)
+        logger.info("%s: %s (%s), sha256 %s", spec.name, weights.path, weights.describe(), sha256[:12])
+        resolved[spec.name] = VerifiedWeights(weights, sha256)
+    return resolved
+
+
+def obtain_weights(spec: ModelSpec, settings: WeightsSettings) -> WeightsFile:
     """The model's weights file, applying the `--missing-weights` policy when there is none."""
     found = find_weights(spec, settings.weights_dir)
     if found is not None:
@@ -84,9 +121,19 @@ def obtain_weights(spec: ModelSpec, settings: Settings) -> WeightsFile:
     )
 
 
-def load_model(spec: ModelSpec, weights: WeightsFile, settings: Settings, device: torch.device) -> LoadedModel:
-    sha256 = verify(weights)
-    module = build_model(spec, weights)
+def load_model(
+    spec: ModelSpec,
+    weights: WeightsFile,
+    settings: Settings,
+    device: torch.device,
+    *,
+    expected_sha256: str | None = None,
+) -> LoadedModel:
+    """Build the model from the file's bytes, read once; with `expected_sha256`, only from those bytes."""
+    checkpoint = load_checkpoint(weights, expected_sha256=expected_sha256)
+    module = instantiate(spec, checkpoint.state_dict, weights.path)
+    sha256 = checkpoint.sha256
+    del checkpoint  # the module holds copies now: free the parsed tensors before the runner is built
     preprocessing = weights.official.preprocessing if weights.official else Preprocessing()
     runner = ModelRunner(
         module,
@@ -111,15 +158,26 @@ def load_model(spec: ModelSpec, weights: WeightsFile, settings: Settings, device
     )
 
 
-def load_all(settings: Settings, device: torch.device) -> dict[str, LoadedModel]:
-    """Load and warm every configured model, or raise StartupError: never half a set."""
+def load_all(
+    settings: Settings, device: torch.device, weights: Mapping[str, VerifiedWeights] | None = None
+) -> dict[str, LoadedModel]:
+    """Load and warm every configured model, or raise StartupError: never half a set.
+
+    With `weights` (from `resolve_weights`, keyed by model name), nothing is obtained again: each
+    model loads from its given file, and only if the bytes still hash to the verified sha256."""
     if settings.decode_on_device and device.type != "cuda":
         logger.warning("--decode-on-device on %s: JPEGs are decoded on the forward thread, which only slows it", device)
     loaded: dict[str, LoadedModel] = {}
     for spec in resolve_specs(settings.models):
-        weights = obtain_weights(spec, settings)
-        logger.info("loading %s from %s (%s)", spec.name, weights.path, weights.describe())
-        model = load_model(spec, weights, settings, device)
+        if weights is None:
+            found, expected_sha256 = obtain_weights(spec, settings), None
+        else:
+            given = weights.get(spec.name)
+            if given is None:
+                raise StartupError(f"no verified weights were handed over for {spec.name}")
+            found, expected_sha256 = given.weights, given.sha256
+        logger.info("loading %s from %s (%s)", spec.name, found.path, found.describe())
+        model = load_model(spec, found, settings, device, expected_sha256=expected_sha256)
         sample = _sample_jpeg(model.preprocessing) if settings.decode_on_device else None
         model.runner.warm_up([1, settings.batch_size], jpeg=sample)
         loaded[spec.name] = model
@@ -134,7 +192,7 @@ def _random_init_banner(name: str, path: Path, seed: int | None) -> None:
         "!! reachable, or put the official checkpoint in the weights directory.\n%s",
         line,
         name.upper(),
-        seed,
+        "unknown" if seed is None else seed,
         path,
         name,
         line,
