@@ -29,6 +29,8 @@ def roots(path: Path) -> set[str]:
     ("module", "forbidden"),
     [
         ("batching.py", {"torch", "fastapi", "starlette", "prometheus_client"}),
+        ("admission.py", {"torch", "fastapi", "starlette", "prometheus_client"}),
+        ("observers.py", {"torch", "fastapi", "starlette", "prometheus_client"}),
         ("imaging.py", {"fastapi", "starlette", "asyncio"}),
         ("postprocessing.py", {"fastapi", "starlette", "asyncio"}),
         ("errors.py", {"fastapi", "starlette", "torch"}),
@@ -50,3 +52,18 @@ def test_only_the_api_package_and_cli_know_http():
         if path.name in {"cli.py", "__main__.py"}:
             continue
         assert not roots(path) & {"fastapi", "starlette", "uvicorn"}, path.name
+
+
+def test_the_engine_knows_no_http_and_the_edge_holds_no_engine_internals():
+    for path in (SERVICE / "engine").glob("*.py"):
+        assert not roots(path) & {"fastapi", "starlette", "uvicorn"}, path.name
+        assert not any(name.startswith("service.api") for name in imported_modules(path)), path.name
+    for path in (SERVICE / "api").glob("*.py"):
+        # The edge reaches the batcher, admission and runner only through the engine's pipelines.
+        internals = {"service.batching", "service.admission", "service.imaging"}
+        assert not imported_modules(path) & internals, path.name
+
+
+def test_no_module_is_much_over_300_lines():
+    for path in SERVICE.rglob("*.py"):
+        assert len(path.read_text().splitlines()) <= 330, path
