@@ -291,3 +291,12 @@ def test_large_images_are_decoded_in_calls_within_the_budget_each_resized_before
         assert isinstance(image, torch.Tensor)
         difference = (image.int() - preprocess(data, SPEC, max_pixels=CAP).int()).abs()
         assert difference.float().mean().item() < 0.5
+
+
+def test_the_decoded_size_is_read_from_headers_past_the_first_64_kib():
+    # An ICC profile of 200 KB pushes the frame header far past the prefix read first.
+    buffer = io.BytesIO()
+    Image.fromarray(noise(300, 400)).save(buffer, format="JPEG", icc_profile=b"\x01" * 200_000)
+    encoded = inspect_jpeg(buffer.getvalue(), SPEC, max_pixels=CAP)
+    assert encoded is not None and encoded.data.numel() > 200_000
+    assert device_decode._decoded_bytes(encoded) == 3 * 300 * 400
