@@ -178,8 +178,8 @@ class ModelRunner:
         return failures
 
     def _decode_on_host(self, rejected: Mapping[int, EncodedJpeg]) -> dict[int, torch.Tensor | ServeError]:
-        """The host decodes of rejected JPEGs, all handed to the fallback executor at once, so that a
-        batch of them costs this thread (and the model behind it) the slowest, not their sum."""
+        """The host decodes of rejected JPEGs, all handed to the fallback executor at once: spread over
+        its threads rather than one after another here, where they would hold up the model."""
         files = {index: item.data.numpy().tobytes() for index, item in rejected.items()}
         jobs: dict[int, Future[torch.Tensor | ServeError]] = {}
         if self._fallback_executor is not None:

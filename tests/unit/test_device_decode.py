@@ -197,6 +197,17 @@ def test_without_a_fallback_executor_rejected_jpegs_are_decoded_on_the_calling_t
     assert seen == [threading.current_thread()]
 
 
+def test_a_fallback_executor_that_has_shut_down_leaves_the_decode_to_the_calling_thread(runner, photos, monkeypatch):
+    monkeypatch.setattr(runner_module, "decode_batch", lambda encoded, spec, device: [None] * len(encoded))
+    stopped = ThreadPoolExecutor(max_workers=1)
+    stopped.shutdown()  # as the server's decode pool is while it stops
+    monkeypatch.setattr(runner, "_fallback_executor", stopped)
+    data = photos["chelsea.jpg"]
+    (output,) = runner.predict([inspect_jpeg(data, SPEC, max_pixels=CAP)])  # type: ignore[list-item]
+    (host,) = runner.predict([preprocess(data, SPEC, max_pixels=CAP)])
+    assert isinstance(output, torch.Tensor) and torch.equal(output, host)
+
+
 @pytest.mark.parametrize(
     "error",
     [
