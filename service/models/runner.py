@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import CancelledError, Executor, Future
 from dataclasses import dataclass, field
 
 import torch
@@ -89,9 +90,12 @@ class ModelRunner:
         channels_last: bool = True,
         plan: ExecutionPlan | None = None,
         host_preprocess: Callable[[bytes], torch.Tensor] | None = None,
+        fallback_executor: Executor | None = None,
     ) -> None:
         """`host_preprocess` decodes a JPEG the device decoder failed on (see `stage`); without
-        it such an image fails alone."""
+        it such an image fails alone. `fallback_executor` runs those host decodes side by side (the
+        server's decode pool); without it they run one after another on the thread that stages.
+        It must not be the executor that calls `stage`, which waits for them."""
         self.device = device
         self.dtype = dtype
         self.channels_last = channels_last
@@ -99,6 +103,7 @@ class ModelRunner:
         self.preprocessing = preprocessing
         self.crop_size = preprocessing.crop_size
         self._host_preprocess = host_preprocess
+        self._fallback_executor = fallback_executor
         self._on_cuda = device.type == "cuda"
         if self.plan.cuda_graphs and not self._on_cuda:
             raise ValueError(f"CUDA graphs were asked for, but the model runs on {device}")
@@ -155,19 +160,48 @@ class ModelRunner:
         """Decode the JPEGs on the device into their rows; one the device decoder rejects (a variant
         it lacks, or a damaged file) is decoded on the host, which alone decides it is bad."""
         failures: dict[int, ServeError] = {}
-        for (index, item), image in zip(
+        rejected: dict[int, EncodedJpeg] = {}
+        for (index, item), outcome in zip(
             encoded.items(), decode_batch(list(encoded.values()), self.preprocessing, self.device), strict=True
         ):
-            if image is None:
-                try:
-                    if self._host_preprocess is None:
-                        raise InvalidInput("the JPEG could not be decoded")
-                    image = self._host_preprocess(item.data.numpy().tobytes())
-                except ServeError as exc:
-                    failures[index] = exc
-                    continue
-            batch[index].copy_(image, non_blocking=True)
+            if outcome is None:
+                rejected[index] = item
+            elif isinstance(outcome, ServeError):
+                failures[index] = outcome
+            else:
+                batch[index].copy_(outcome, non_blocking=True)
+        for index, image in self._decode_on_host(rejected).items():
+            if isinstance(image, ServeError):
+                failures[index] = image
+            else:
+                batch[index].copy_(image, non_blocking=True)
         return failures
+
+    def _decode_on_host(self, rejected: Mapping[int, EncodedJpeg]) -> dict[int, torch.Tensor | ServeError]:
+        """The host decodes of rejected JPEGs, all handed to the fallback executor at once: spread over
+        its threads rather than one after another here, where they would hold up the model."""
+        files = {index: item.data.numpy().tobytes() for index, item in rejected.items()}
+        jobs: dict[int, Future[torch.Tensor | ServeError]] = {}
+        if self._fallback_executor is not None:
+            with contextlib.suppress(RuntimeError):  # the executor shut down (server stopping): decode here
+                for index, data in files.items():
+                    jobs[index] = self._fallback_executor.submit(self._decode_on_host_one, data)
+        decoded: dict[int, torch.Tensor | ServeError] = {}
+        for index, data in files.items():
+            job = jobs.get(index)
+            try:
+                decoded[index] = job.result() if job is not None else self._decode_on_host_one(data)
+            except CancelledError:  # cancelled by the executor's shutdown
+                decoded[index] = self._decode_on_host_one(data)
+        return decoded
+
+    def _decode_on_host_one(self, data: bytes) -> torch.Tensor | ServeError:
+        if self._host_preprocess is None:
+            return InvalidInput("the JPEG could not be decoded")
+        try:
+            return self._host_preprocess(data)
+        except ServeError as exc:
+            return exc
 
     @torch.inference_mode()
     def run(self, staged: StagedBatch) -> list[Output]:

@@ -4,14 +4,18 @@ device, the same code that runs nvJPEG on CUDA; test_gpu_runner has the CUDA run
 from __future__ import annotations
 
 import io
+import threading
+import weakref
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageOps
 
-from service.errors import InvalidInput, UnsupportedMediaType
+from service.errors import InsufficientStorage, InvalidInput, UnsupportedMediaType
 from service.imaging import EncodedJpeg, Preprocessing, inspect_jpeg, preprocess
+from service.models import device_decode
 from service.models import runner as runner_module
 from service.models.catalog import CATALOG
 from service.models.device_decode import decode_batch, orient
@@ -138,3 +142,172 @@ def test_a_jpeg_the_device_decoder_rejects_falls_back_to_the_host(runner, photos
     (host,) = runner.predict([preprocess(data, SPEC, max_pixels=CAP)])
     assert isinstance(fallback, torch.Tensor)
     assert torch.equal(fallback, host)  # the exact host path, bit for bit
+
+
+def _resnet18(weights_dir) -> torch.nn.Module:
+    spec = CATALOG["resnet18v1"]
+    weights = find_weights(spec, weights_dir)
+    assert weights is not None
+    return build_model(spec, weights)
+
+
+def test_rejected_jpegs_are_decoded_side_by_side_on_the_fallback_executor(weights_dir, photos, monkeypatch):
+    good = [photos["kitten.jpg"], photos["chelsea.jpg"], photos["coffee.jpg"]]
+    truncated = photos["astronaut.jpg"][: len(photos["astronaut.jpg"]) // 2]  # the host refuses it too
+    files = [good[0], truncated, good[1], good[2]]
+    # Every host decode waits here for all the others: one after another on one thread, the first
+    # would wait until the timeout and break the barrier, failing the batch.
+    together = threading.Barrier(len(files), timeout=60)
+    threads: list[str] = []
+
+    def host(data: bytes) -> torch.Tensor:
+        threads.append(threading.current_thread().name)
+        together.wait()
+        return preprocess(data, SPEC, max_pixels=CAP)
+
+    monkeypatch.setattr(runner_module, "decode_batch", lambda encoded, spec, device: [None] * len(encoded))
+    with ThreadPoolExecutor(max_workers=len(files), thread_name_prefix="decode") as pool:
+        runner = ModelRunner(
+            _resnet18(weights_dir), SPEC, device=torch.device("cpu"), host_preprocess=host, fallback_executor=pool
+        )
+        outputs = runner.predict([inspect_jpeg(data, SPEC, max_pixels=CAP) for data in files])
+    assert len(threads) == len(files) and all(name.startswith("decode") for name in threads), threads
+    assert isinstance(outputs[1], InvalidInput)  # the bad file fails alone
+    blank = torch.zeros(3, SPEC.crop_size, SPEC.crop_size, dtype=torch.uint8)  # what its row holds
+    host_path = [preprocess(data, SPEC, max_pixels=CAP) for data in good]
+    reference = runner.predict([host_path[0], blank, host_path[1], host_path[2]])
+    for index in (0, 2, 3):
+        assert isinstance(outputs[index], torch.Tensor)
+        assert torch.equal(outputs[index], reference[index])  # the exact host path, bit for bit
+
+
+def test_without_a_fallback_executor_rejected_jpegs_are_decoded_on_the_calling_thread(runner, photos, monkeypatch):
+    monkeypatch.setattr(runner_module, "decode_batch", lambda encoded, spec, device: [None] * len(encoded))
+    seen: list[threading.Thread] = []
+    host = runner._host_preprocess
+    assert host is not None
+
+    def recording(data: bytes) -> torch.Tensor:
+        seen.append(threading.current_thread())
+        return host(data)
+
+    monkeypatch.setattr(runner, "_host_preprocess", recording)
+    outputs = runner.predict([inspect_jpeg(photos["coffee.jpg"], SPEC, max_pixels=CAP)])  # type: ignore[list-item]
+    assert isinstance(outputs[0], torch.Tensor)
+    assert seen == [threading.current_thread()]
+
+
+def test_a_fallback_executor_that_has_shut_down_leaves_the_decode_to_the_calling_thread(runner, photos, monkeypatch):
+    monkeypatch.setattr(runner_module, "decode_batch", lambda encoded, spec, device: [None] * len(encoded))
+    stopped = ThreadPoolExecutor(max_workers=1)
+    stopped.shutdown()  # as the server's decode pool is while it stops
+    monkeypatch.setattr(runner, "_fallback_executor", stopped)
+    data = photos["chelsea.jpg"]
+    (output,) = runner.predict([inspect_jpeg(data, SPEC, max_pixels=CAP)])  # type: ignore[list-item]
+    (host,) = runner.predict([preprocess(data, SPEC, max_pixels=CAP)])
+    assert isinstance(output, torch.Tensor) and torch.equal(output, host)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 576.00 MiB"),
+        RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 603979776 bytes"),
+    ],
+    ids=["cuda", "cpu"],
+)
+def test_an_image_that_runs_out_of_memory_while_resized_fails_alone(runner, photos, monkeypatch, error):
+    names = ["kitten.jpg", "rocket.jpg", "coffee.jpg"]
+    items = [inspect_jpeg(photos[name], SPEC, max_pixels=CAP) for name in names]
+    blank = torch.zeros(3, SPEC.crop_size, SPEC.crop_size, dtype=torch.uint8)
+    reference = runner.predict([items[0], blank, items[2]])  # type: ignore[list-item]
+    resize = device_decode._resize_and_crop
+    sizes: list[tuple[int, ...]] = []
+
+    def resize_failing_the_second(image: torch.Tensor, spec: Preprocessing) -> torch.Tensor:
+        sizes.append(tuple(image.shape))
+        if len(sizes) == 2:
+            raise error
+        return resize(image, spec)
+
+    monkeypatch.setattr(device_decode, "_resize_and_crop", resize_failing_the_second)
+    outputs = runner.predict(items)  # type: ignore[arg-type]
+    assert len(sizes) == 3  # the images after the failed one were still resized
+    failed = outputs[1]
+    assert isinstance(failed, InsufficientStorage) and failed.status == 507
+    assert "out of memory" in failed.message and "640x427" in failed.message
+    for index in (0, 2):
+        assert isinstance(outputs[index], torch.Tensor)
+        assert torch.equal(outputs[index], reference[index])
+
+
+def test_an_error_other_than_out_of_memory_still_fails_the_call(photos, monkeypatch):
+    def broken(image: torch.Tensor, spec: Preprocessing) -> torch.Tensor:
+        raise RuntimeError("a bug, not a lack of memory")
+
+    monkeypatch.setattr(device_decode, "_resize_and_crop", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        decode_batch([inspect_jpeg(photos["coffee.jpg"], SPEC, max_pixels=CAP)], SPEC, torch.device("cpu"))  # type: ignore[list-item]
+
+
+class DecoderSpy:
+    """Wraps the decoder call and the resize, keeping weak references to every full-size image the
+    decoder returned, to see which are still alive at each step."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls: list[int] = []  # images per decoder call
+        self.full_size: list[weakref.ref[torch.Tensor]] = []
+        self.alive_at_each_call: list[int] = []
+        self.alive_at_each_resize: list[list[bool]] = []
+        decode, resize = device_decode._decode, device_decode._resize_and_crop
+
+        def spying_decode(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+            self.alive_at_each_call.append(sum(ref() is not None for ref in self.full_size))
+            images = decode(data, device)
+            self.calls.append(len(images))
+            self.full_size.extend(weakref.ref(image) for image in images)
+            return images
+
+        def spying_resize(image: torch.Tensor, spec: Preprocessing) -> torch.Tensor:
+            self.alive_at_each_resize.append([ref() is not None for ref in self.full_size])
+            return resize(image, spec)
+
+        monkeypatch.setattr(device_decode, "_decode", spying_decode)
+        monkeypatch.setattr(device_decode, "_resize_and_crop", spying_resize)
+
+
+def test_each_full_size_image_is_given_back_once_it_is_resized(photos, monkeypatch):
+    names = ["kitten.jpg", "chelsea.jpg", "coffee.jpg", "astronaut.jpg", "rocket.jpg"]
+    spy = DecoderSpy(monkeypatch)
+    decoded = decode_batch([inspect_jpeg(photos[n], SPEC, max_pixels=CAP) for n in names], SPEC, torch.device("cpu"))
+    assert all(isinstance(image, torch.Tensor) for image in decoded)
+    assert spy.calls == [len(names)]  # small photos: one call, as the hardware decoder likes
+    # At the k-th resize, the k full-size images before it are gone; only the rest wait.
+    assert spy.alive_at_each_resize == [[k <= i for i in range(len(names))] for k in range(len(names))]
+
+
+def test_large_images_are_decoded_in_calls_within_the_budget_each_resized_before_the_next(photos, monkeypatch):
+    names = ["chelsea.jpg", "coffee.jpg", "kitten.jpg", "astronaut.jpg"]
+    sizes = [3 * w * h for w, h in (Image.open(io.BytesIO(photos[n])).size for n in names)]
+    budget = sizes[0] + sizes[1]  # room for the first two together
+    assert sizes[2] > budget  # the third is larger than the budget: a call of its own all the same
+    assert sizes[3] <= budget < sizes[2] + sizes[3]  # the fourth does not fit beside it
+    monkeypatch.setattr(device_decode, "DECODE_CHUNK_BYTES", budget)
+    spy = DecoderSpy(monkeypatch)
+    encoded = [inspect_jpeg(photos[n], SPEC, max_pixels=CAP) for n in names]
+    decoded = decode_batch(encoded, SPEC, torch.device("cpu"))  # type: ignore[arg-type]
+    assert spy.calls == [2, 1, 1]
+    assert spy.alive_at_each_call == [0, 0, 0]  # no full-size image of an earlier call outlives it
+    for image, data in zip(decoded, (photos[n] for n in names), strict=True):  # same pixels as in one call
+        assert isinstance(image, torch.Tensor)
+        difference = (image.int() - preprocess(data, SPEC, max_pixels=CAP).int()).abs()
+        assert difference.float().mean().item() < 0.5
+
+
+def test_the_decoded_size_is_read_from_headers_past_the_first_64_kib():
+    # An ICC profile of 200 KB pushes the frame header far past the prefix read first.
+    buffer = io.BytesIO()
+    Image.fromarray(noise(300, 400)).save(buffer, format="JPEG", icc_profile=b"\x01" * 200_000)
+    encoded = inspect_jpeg(buffer.getvalue(), SPEC, max_pixels=CAP)
+    assert encoded is not None and encoded.data.numel() > 200_000
+    assert device_decode._decoded_bytes(encoded) == 3 * 300 * 400

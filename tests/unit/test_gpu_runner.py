@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import io
+
 import pytest
 import torch
+from PIL import Image, ImageOps
 
 from service.imaging import Preprocessing, preprocess
 from service.models.catalog import CATALOG
@@ -96,5 +99,54 @@ def test_nvjpeg_decode_agrees_with_the_host_path(weights_dir, photos):
     host = [preprocess(data, spec, max_pixels=50_000_000) for data in photos.values()]
     on_gpu = torch.stack(runner.predict(encoded))  # type: ignore[arg-type]
     on_host = torch.stack(runner.predict(host))
+    assert torch.equal(on_gpu.argmax(dim=1), on_host.argmax(dim=1))
+    assert (on_gpu - on_host).abs().max().item() <= 1e-2
+
+
+def _large_jpegs(photos: dict[str, bytes], count: int, size: tuple[int, int] = (2000, 1500)) -> list[bytes]:
+    """`count` different 2000x1500 photos: each real photo enlarged, then mirrored, flipped, inverted."""
+    variants = []
+    for data in photos.values():
+        base = Image.open(io.BytesIO(data)).convert("RGB").resize(size, Image.Resampling.BICUBIC)
+        mirrored, flipped = ImageOps.mirror(base), ImageOps.flip(base)
+        for image in (
+            base,
+            mirrored,
+            flipped,
+            ImageOps.mirror(flipped),
+            ImageOps.invert(base),
+            ImageOps.invert(mirrored),
+        ):
+            buffer = io.BytesIO()
+            image.save(buffer, format="JPEG", quality=90)
+            variants.append(buffer.getvalue())
+    assert len(variants) >= count
+    return variants[:count]
+
+
+def test_two_large_nvjpeg_batches_back_to_back_each_match_the_host_path(weights_dir, photos):
+    """nvJPEG writes from its own stream into memory from the copy stream's pool. Two batches staged
+    back to back, as with two batches in flight: the second's decode must not overwrite the first's
+    full-size images while the first's resizes, still queued, read them."""
+    from service.imaging import inspect_jpeg
+
+    spec = Preprocessing()
+    cap = 50_000_000
+    files = _large_jpegs(photos, 32)
+    encoded = [inspect_jpeg(data, spec, max_pixels=cap) for data in files]
+    assert all(item is not None for item in encoded)
+    host = [preprocess(data, spec, max_pixels=cap) for data in files]
+    runner = _runner(weights_dir, ExecutionPlan())
+    runner.predict(encoded[:1])  # type: ignore[arg-type]  # start the decoder before the race
+    first = runner.stage(encoded[:16])  # type: ignore[arg-type]
+    second = runner.stage(encoded[16:])  # type: ignore[arg-type]
+    assert not first.failures and not second.failures
+    torch.cuda.synchronize()
+    staged_pixels = torch.cat([first.images[:16].cpu(), second.images[:16].cpu()])
+    for index, (got, expected) in enumerate(zip(staged_pixels, host, strict=True)):
+        difference = (got.int() - expected.int()).abs().float().mean().item()
+        assert difference < 0.5, f"image {index}: {difference:.2f} levels off the host path on average"
+    on_gpu = torch.stack(runner.run(first) + runner.run(second))
+    on_host = torch.stack(runner.predict(host[:16]) + runner.predict(host[16:]))
     assert torch.equal(on_gpu.argmax(dim=1), on_host.argmax(dim=1))
     assert (on_gpu - on_host).abs().max().item() <= 1e-2
