@@ -52,6 +52,9 @@ class Engine:
     # -- phases -------------------------------------------------------------------------------------
 
     def add_model(self, loaded: LoadedModel) -> None:
+        # JPEGs the device decoder rejects are decoded on the host: in the decode pool, not on the
+        # stage/forward thread, so a batch of them never stalls the model.
+        loaded.runner.use_fallback_executor(self.pools.decode)
         pipeline = ModelPipeline(
             loaded,
             self.plan,

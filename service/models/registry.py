@@ -203,6 +203,7 @@ def _sample_jpeg(preprocessing: Preprocessing) -> EncodedJpeg:
     """A small JPEG to start the device's decoder with before the first request needs it."""
     buffer = io.BytesIO()
     Image.new("RGB", (320, 240), (120, 80, 40)).save(buffer, format="JPEG")
-    sample = inspect_jpeg(buffer.getvalue(), preprocessing, max_pixels=320 * 240)
+    # The cap bounds the resized image too (341x256 here), so it is not the sample's own size.
+    sample = inspect_jpeg(buffer.getvalue(), preprocessing, max_pixels=1_000_000)
     assert sample is not None
     return sample

@@ -124,6 +124,11 @@ class ModelRunner:
             self._copy_stream = torch.cuda.Stream(device=device)  # type: ignore[no-untyped-call]
         self._graphs: dict[int, GraphedForward] = {}
 
+    def use_fallback_executor(self, executor: Executor) -> None:
+        """Decode the JPEGs the device rejects on `executor` (the server's decode pool) from now on;
+        never the executor that calls `stage`, which waits for these decodes."""
+        self._fallback_executor = executor
+
     @property
     def num_classes(self) -> int:
         fc = getattr(self.model, "fc", None)

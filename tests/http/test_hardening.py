@@ -248,3 +248,10 @@ async def test_item14_models_loading_after_sigterm_leave_the_server_draining(mak
             ready = await http.get("/health/ready")
             assert (ready.status_code, ready.json()) == (503, {"status": "draining"})
             assert (await http.get("/ping")).status_code == 503
+
+
+async def test_item7b_the_engine_hands_its_decode_pool_to_the_runner_for_host_fallbacks(serve):
+    async with serve(decode_on_device=True) as served:
+        pipeline = served.engine.pipelines["resnet18v1"]
+        assert pipeline.loaded.runner._fallback_executor is served.engine.pools.decode
+        assert served.engine.pools.decode is not served.engine.pools.forward
