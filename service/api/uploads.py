@@ -44,6 +44,7 @@ class _MultipartCollector:
         self.images: list[bytes] = []
         self.other_fields: list[str] = []
         self.parts_seen = 0
+        self.ended = False  # the closing boundary was read
         self._part = _Part()
         self._header_field = b""
         self._header_value = b""
@@ -56,6 +57,7 @@ class _MultipartCollector:
             "on_header_field": self._on_header_field,
             "on_header_value": self._on_header_value,
             "on_header_end": self._on_header_end,
+            "on_end": self._on_end,
         }
 
     def _on_part_begin(self) -> None:
@@ -85,6 +87,9 @@ class _MultipartCollector:
         else:
             self.other_fields.append(repr(name) if name is not None else "a part without a name")
         self._part = _Part()
+
+    def _on_end(self) -> None:
+        self.ended = True
 
 
 async def read_images(
@@ -132,11 +137,18 @@ async def _read_multipart(boundary: bytes | None, body: AsyncIterator[bytes], li
         parser = MultipartParser(boundary, collector.callbacks())  # type: ignore[arg-type]
         async for chunk in _capped(body, limits):
             parser.write(chunk)
-        parser.finalize()
+        parser.finalize()  # it does not check that the body was complete; `ended` does
     except MultipartParseError as exc:
         raise InvalidInput(f"the multipart body is malformed: {str(exc)[:200]}") from None
     except ValueError as exc:  # python-multipart raises it for a bad boundary
         raise InvalidInput(f"the multipart body is malformed: {str(exc)[:200]}") from None
+    if collector.parts_seen and not collector.ended:
+        # The part in progress never ended: answering with the parts before it would drop an image
+        # from a reply that clients read by position.
+        raise InvalidInput(
+            f"the multipart body ended before its closing boundary --{boundary.decode('latin-1')}--: "
+            "it was cut short, so send the whole body again"
+        )
     if not collector.images:
         found = ", ".join(collector.other_fields[:5]) or "no parts at all"
         raise InvalidInput(f"no image in the multipart field {IMAGE_FIELD!r}; the request had {found}")
