@@ -20,9 +20,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from benchmarks.harness.http import multipart_request, one_shot
-from benchmarks.harness.server import REPO, ServerProcess, process_stats, spawn, wait_ready, write_weights
-
-SHARED_IMAGES = REPO.parent / "shared" / "data" / "images"
+from benchmarks.harness.server import ServerProcess, process_stats, spawn, wait_ready, write_weights
+from benchmarks.photos import SHARED_IMAGES
 
 
 @dataclass
