@@ -14,36 +14,16 @@ import argparse
 import asyncio
 import json
 import tempfile
-import time
 from collections import Counter
 from pathlib import Path
 
-from benchmarks.loadgen import Target, one_shot, percentile, raw_request, run_level, scrape
+from benchmarks.harness.http import Target, raw_request
+from benchmarks.harness.load import burst, percentile, run_level, scrape_target
+from benchmarks.harness.metrics import Metrics
+from benchmarks.harness.server import serving, write_weights
 from benchmarks.photos import load_photos
-from benchmarks.run import ServerConfig, free_port, server_process, write_weights
 
-
-async def _timed(port: int, request: bytes) -> tuple[str, float]:
-    started = time.perf_counter()
-    status = await one_shot(port, request)
-    return status, time.perf_counter() - started
-
-
-async def burst(port: int, requests: list[bytes], rate: float, duration_s: float) -> list[tuple[str, float]]:
-    tasks: list[asyncio.Task[tuple[str, float]]] = []
-    start = time.perf_counter()
-    while (elapsed := time.perf_counter() - start) < duration_s:
-        for _ in range(int(elapsed * rate) + 1 - len(tasks)):
-            tasks.append(asyncio.create_task(_timed(port, requests[len(tasks) % len(requests)])))
-        await asyncio.sleep(0.002)
-    return list(await asyncio.gather(*tasks))
-
-
-def _rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+MODEL = {"model": "resnet18v1"}
 
 
 def main() -> int:
@@ -56,25 +36,25 @@ def main() -> int:
 
     weights = Path(tempfile.mkdtemp(prefix="overload-weights-"))
     write_weights("resnet18v1", weights)
-    port = free_port()
-    config = ServerConfig("overload", ["--max-queue-size", str(args.queue), "--request-timeout-s", "10"], {})
+    flags = ("--max-queue-size", str(args.queue), "--request-timeout-s", "10")
     photos = load_photos()
-    target = Target(f"http://127.0.0.1:{port}")
-    requests = [raw_request(target, photo).replace(b"HTTP/1.1\r\n", b"HTTP/1.1\r\nConnection: close\r\n", 1)
-                for photo in photos]  # fmt: skip
     log = weights / "server.log"
-    with server_process("resnet18v1", weights, config, log, port) as process:
+    with serving(weights, log, *flags, ready_timeout_s=180, stop_timeout_s=40) as server:
+        port = server.port
+        target = Target(server.url)
+        requests = [raw_request(target, photo).replace(b"HTTP/1.1\r\n", b"HTTP/1.1\r\nConnection: close\r\n", 1)
+                    for photo in photos]  # fmt: skip
         capacity = asyncio.run(run_level(target, photos, concurrency=16, duration_s=10, model="resnet18v1"))
         rate = args.factor * capacity.throughput
         # A short burst first, so the RSS baseline already holds the allocator's pools.
         asyncio.run(burst(port, requests, rate, 3))
-        rss_before = _rss_mib(process.pid)
-        metrics_before = scrape(target) or {}
+        rss_before = server.rss_bytes() / 2**20
+        metrics_before = scrape_target(target) or Metrics(())
         results = asyncio.run(burst(port, requests, rate, args.duration))
-        ready = scrape(target)
-        ping_after = (ready or {}).get("resnet_serve_ready", float("nan"))
-        metrics_after = ready or {}
-        rss_after = _rss_mib(process.pid)
+        ready = scrape_target(target)
+        ping_after = ready.value("resnet_serve_ready", default=float("nan")) if ready else float("nan")
+        metrics_after = ready or Metrics(())
+        rss_after = server.rss_bytes() / 2**20
 
     by_status: dict[str, list[float]] = {}
     for status, seconds in results:
@@ -82,13 +62,11 @@ def main() -> int:
     for values in by_status.values():
         values.sort()
 
-    def delta(name: str) -> float:
-        return sum(v for k, v in metrics_after.items() if k.startswith(name)) - sum(
-            v for k, v in metrics_before.items() if k.startswith(name)
-        )
+    def delta(name: str, **labels: str) -> float:
+        return metrics_after.total(name, labels) - metrics_before.total(name, labels)
 
-    computed = delta('resnet_serve_images_total{model="resnet18v1"}')
-    expired = delta('resnet_serve_rejected_total{model="resnet18v1",reason="deadline"}')
+    computed = delta("resnet_serve_images_total", **MODEL)
+    expired = delta("resnet_serve_rejected_total", **MODEL, reason="deadline")
     report = {
         "capacity_img_s": round(capacity.throughput, 1),
         "offered_req_s": round(rate, 1),

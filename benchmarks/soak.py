@@ -13,20 +13,15 @@ import argparse
 import asyncio
 import itertools
 import json
-import os
-import subprocess
-import sys
 import tempfile
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from benchmarks.loadgen import one_shot
-
-REPO = Path(__file__).resolve().parents[1]
-SHARED_IMAGES = REPO.parent / "shared" / "data" / "images"
-BOUNDARY = b"soakb0undary"
+from benchmarks.harness.http import multipart_request, one_shot
+from benchmarks.harness.server import ServerProcess, process_stats, spawn, wait_ready, write_weights
+from benchmarks.photos import SHARED_IMAGES
 
 
 @dataclass
@@ -39,16 +34,7 @@ class Sample:
 
 
 def _multipart(image: bytes, declared: int | None = None) -> bytes:
-    payload = (
-        b"--" + BOUNDARY + b'\r\nContent-Disposition: form-data; name="data"; filename="x.jpg"\r\n\r\n'
-        + image + b"\r\n--" + BOUNDARY + b"--\r\n"
-    )  # fmt: skip
-    head = (
-        f"POST /resnet18v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
-        f"Content-Length: {declared if declared is not None else len(payload)}\r\n"
-        f"Content-Type: multipart/form-data; boundary={BOUNDARY.decode()}\r\n\r\n"
-    ).encode()
-    return head + payload
+    return multipart_request(image, filename="x.jpg", boundary="soakb0undary", part_type=None, declared=declared)
 
 
 def request_mix(max_upload_bytes: int) -> list[tuple[str, bytes, bool]]:
@@ -64,15 +50,6 @@ def request_mix(max_upload_bytes: int) -> list[tuple[str, bytes, bool]]:
         ("oversized", oversized, False),
         ("disconnecting", _multipart(kitten)[: len(kitten) // 2], True),
     ]
-
-
-def _proc_stats(pid: int) -> tuple[float, int, int]:
-    rss_kib = next(
-        int(line.split()[1])
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines()
-        if line.startswith("VmRSS:")
-    )
-    return rss_kib / 1024, len(os.listdir(f"/proc/{pid}/fd")), len(os.listdir(f"/proc/{pid}/task"))
 
 
 async def soak(port: int, pid: int, *, total: int, every: int, concurrency: int, max_upload_bytes: int) -> list[Sample]:
@@ -91,8 +68,8 @@ async def soak(port: int, pid: int, *, total: int, every: int, concurrency: int,
     while done < total:
         target = min(total, done + every)
         await asyncio.gather(*(worker(target) for _ in range(min(concurrency, target - done))))
-        rss, fds, threads = _proc_stats(pid)
-        samples.append(Sample(done, round(rss, 1), fds, threads, dict(statuses)))
+        stats = process_stats(pid)
+        samples.append(Sample(done, round(stats.rss_bytes / 2**20, 1), stats.open_fds, stats.threads, dict(statuses)))
     return samples
 
 
@@ -106,30 +83,9 @@ def growth(samples: list[Sample]) -> dict[str, float]:
     }
 
 
-def _start_server(weights_dir: Path, port: int, max_upload_bytes: int) -> subprocess.Popen[bytes]:
-    subprocess.run(
-        [sys.executable, "-m", "service", "weights", "random", "resnet18v1", "--dir", str(weights_dir)],
-        check=True, capture_output=True,
-    )  # fmt: skip
-    return subprocess.Popen(
-        [sys.executable, "-m", "service", "serve", "--weights-dir", str(weights_dir), "--port", str(port),
-         "--max-upload-bytes", str(max_upload_bytes), "--log-level", "warning"],
-        cwd=REPO,
-    )  # fmt: skip
-
-
-def _wait_ready(port: int, timeout_s: float = 120) -> None:
-    import urllib.request
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=1) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.2)
-    raise TimeoutError("server not ready")
+def _start_server(weights_dir: Path, port: int, max_upload_bytes: int) -> ServerProcess:
+    write_weights("resnet18v1", weights_dir)
+    return spawn(weights_dir, None, "--max-upload-bytes", str(max_upload_bytes), "--log-level", "warning", port=port)
 
 
 def main() -> int:
@@ -149,7 +105,7 @@ def main() -> int:
         server = _start_server(Path(tempfile.mkdtemp(prefix="soak-weights-")), args.port, args.max_upload_bytes)
         pid = server.pid
     try:
-        _wait_ready(args.port)
+        wait_ready(f"http://127.0.0.1:{args.port}", timeout_s=120, process=server.process if server else None)
         started = time.perf_counter()
         samples = asyncio.run(
             soak(args.port, pid, total=args.requests, every=args.every, concurrency=args.concurrency,
@@ -158,8 +114,7 @@ def main() -> int:
         elapsed = time.perf_counter() - started
     finally:
         if server is not None:
-            server.terminate()
-            server.wait(timeout=60)
+            server.stop(timeout_s=60)
     print(f"{'requests':>9} {'rss MiB':>8} {'fds':>5} {'threads':>8}  statuses")
     for s in samples:
         print(f"{s.requests:>9} {s.rss_mib:>8} {s.open_fds:>5} {s.threads:>8}  {s.statuses}")

@@ -10,9 +10,9 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
 from service.models.catalog import CATALOG
@@ -25,12 +25,11 @@ pytestmark = pytest.mark.integration
 
 def worker_pids(server: LiveServer) -> list[int]:
     """The supervisor's worker processes (not multiprocessing's resource tracker)."""
-    children = Path(f"/proc/{server.pid}/task/{server.pid}/children").read_text().split()
     workers = []
-    for pid in map(int, children):
-        with contextlib.suppress(FileNotFoundError):
-            if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                workers.append(pid)
+    for child in psutil.Process(server.pid).children():
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if any("spawn_main" in arg for arg in child.cmdline()):
+                workers.append(child.pid)
     return workers
 
 
@@ -94,7 +93,7 @@ def test_sigterm_drains_every_worker_and_exits_0(weights, tmp_path, photos):
         server.stop(signal.SIGKILL)
     assert [r.status_code for r in responses] == [200] * 16
     assert code == 0, server.log()
-    assert all(not Path(f"/proc/{pid}").exists() for pid in pids)
+    assert not any(psutil.pid_exists(pid) for pid in pids)
     assert server.log().count("draining (grace") == 2
 
 
@@ -109,7 +108,7 @@ def test_a_worker_that_dies_stops_the_whole_server_with_exit_1(weights, tmp_path
         server.stop(signal.SIGKILL)
     assert code == 1
     assert f"(pid {victim}) exited with code -9" in server.log()
-    assert not Path(f"/proc/{survivor}").exists()
+    assert not psutil.pid_exists(survivor)
 
 
 def test_a_startup_failure_in_the_workers_exits_1_with_one_clear_line(tmp_path):
@@ -156,7 +155,7 @@ def test_a_worker_that_will_not_stop_is_killed_after_the_grace_period(weights, t
         server.stop(signal.SIGKILL)
     assert code == 1
     assert f"(pid {frozen}) did not stop in time: killing it" in server.log()
-    assert not Path(f"/proc/{frozen}").exists() and not Path(f"/proc/{other}").exists()
+    assert not psutil.pid_exists(frozen) and not psutil.pid_exists(other)
 
 
 def test_a_port_in_use_is_one_clear_line(weights, tmp_path):
