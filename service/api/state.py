@@ -14,7 +14,7 @@ import torch
 from service import memory
 from service.api.uploads import UploadLimits
 from service.batching import MicroBatcher
-from service.config import Settings
+from service.config import ServerPlan
 from service.errors import ModelNotFound, ServiceUnavailable
 from service.imaging import ModelInput
 from service.metrics import Metrics
@@ -43,7 +43,7 @@ class ServedModel:
 
 
 class ServerState:
-    def __init__(self, settings: Settings, metrics: Metrics, device: torch.device) -> None:
+    def __init__(self, settings: ServerPlan, metrics: Metrics, device: torch.device) -> None:
         self.settings = settings
         self.metrics = metrics
         self.device = device
@@ -56,13 +56,13 @@ class ServerState:
         self.upload_limits = UploadLimits(
             max_bytes=settings.max_upload_bytes, max_images=settings.max_images_per_request
         )
-        self.decode_pool = ThreadPoolExecutor(max_workers=settings.decode_workers or 1, thread_name_prefix="decode")
+        self.decode_pool = ThreadPoolExecutor(max_workers=settings.decode_workers, thread_name_prefix="decode")
         # One forward at a time per device: concurrent forwards only fight over the same cores.
         self.forward_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
         # With more than one batch in flight, staging (stack, pin, copy to the device) gets its own
         # thread so it overlaps the forward; with one, a second thread would only add a hand-off.
         self.stage_pool = self.forward_pool
-        if settings.in_flight > 1:
+        if settings.max_batches_in_flight > 1:
             self.stage_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stage")
 
     def add_model(self, loaded: LoadedModel) -> None:
@@ -77,16 +77,16 @@ class ServerState:
 
         batcher: MicroBatcher[ModelInput, torch.Tensor] = MicroBatcher(
             forward,
-            max_batch_size=self.settings.batch_size,
-            max_delay_s=self.settings.delay_s,
-            max_queue_size=self.settings.queue_size,
+            max_batch_size=self.settings.max_batch_size,
+            max_delay_s=self.settings.max_delay_s,
+            max_queue_size=self.settings.max_queue_size,
             observer=self.metrics.observer(loaded.name),
             name=f"batcher-{loaded.name}",
-            max_in_flight=self.settings.in_flight,
+            max_in_flight=self.settings.max_batches_in_flight,
         )
         batcher.start()
         self.models[loaded.name] = ServedModel(loaded, batcher)
-        self.metrics.init_model(loaded.name, queue_capacity=self.settings.queue_size)
+        self.metrics.init_model(loaded.name, queue_capacity=self.settings.max_queue_size)
         self.metrics.model_info.labels(
             loaded.name, loaded.spec.arch, str(self.device), self.settings.dtype, loaded.weights.describe()
         ).set(1)

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from service.config import MissingWeightsPolicy, Settings
+from service.config import MissingWeightsPolicy, ServerPlan, Settings
 from service.errors import StartupError
 from service.imaging import EncodedJpeg, Preprocessing, inspect_jpeg, preprocess
 from service.models.catalog import ModelSpec, find_spec, known_names
@@ -59,7 +59,7 @@ def resolve_specs(names: tuple[str, ...]) -> list[ModelSpec]:
     return specs
 
 
-def obtain_weights(spec: ModelSpec, settings: Settings) -> WeightsFile:
+def obtain_weights(spec: ModelSpec, settings: Settings | ServerPlan) -> WeightsFile:
     """The model's weights file, applying the `--missing-weights` policy when there is none."""
     found = find_weights(spec, settings.weights_dir)
     if found is not None:
@@ -84,7 +84,7 @@ def obtain_weights(spec: ModelSpec, settings: Settings) -> WeightsFile:
     )
 
 
-def load_model(spec: ModelSpec, weights: WeightsFile, settings: Settings, device: torch.device) -> LoadedModel:
+def load_model(spec: ModelSpec, weights: WeightsFile, settings: ServerPlan, device: torch.device) -> LoadedModel:
     sha256 = verify(weights)
     module = build_model(spec, weights)
     preprocessing = weights.official.preprocessing if weights.official else Preprocessing()
@@ -94,7 +94,7 @@ def load_model(spec: ModelSpec, weights: WeightsFile, settings: Settings, device
         device=device,
         dtype=DTYPES[settings.dtype],
         channels_last=settings.channels_last,
-        plan=ExecutionPlan(buckets=settings.buckets, cuda_graphs=bool(settings.cuda_graphs), compile=settings.compile),
+        plan=ExecutionPlan(buckets=settings.batch_buckets, cuda_graphs=settings.cuda_graphs, compile=settings.compile),
         host_preprocess=functools.partial(preprocess, spec=preprocessing, max_pixels=settings.max_image_pixels),
     )
     labels = labels_for(spec.name, weights.path, runner.num_classes)
@@ -111,7 +111,7 @@ def load_model(spec: ModelSpec, weights: WeightsFile, settings: Settings, device
     )
 
 
-def load_all(settings: Settings, device: torch.device) -> dict[str, LoadedModel]:
+def load_all(settings: ServerPlan, device: torch.device) -> dict[str, LoadedModel]:
     """Load and warm every configured model, or raise StartupError: never half a set."""
     if settings.decode_on_device and device.type != "cuda":
         logger.warning("--decode-on-device on %s: JPEGs are decoded on the forward thread, which only slows it", device)
@@ -121,7 +121,7 @@ def load_all(settings: Settings, device: torch.device) -> dict[str, LoadedModel]
         logger.info("loading %s from %s (%s)", spec.name, weights.path, weights.describe())
         model = load_model(spec, weights, settings, device)
         sample = _sample_jpeg(model.preprocessing) if settings.decode_on_device else None
-        model.runner.warm_up([1, settings.batch_size], jpeg=sample)
+        model.runner.warm_up([1, settings.max_batch_size], jpeg=sample)
         loaded[spec.name] = model
     return loaded
 

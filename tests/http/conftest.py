@@ -15,21 +15,21 @@ from fastapi.testclient import TestClient
 
 from service.api.app import create_app
 from service.api.state import ServerState
-from service.config import Settings
+from service.config import ServerPlan, Settings
 from service.models.registry import LoadedModel, load_all
 
 _loaded: dict[tuple[Any, ...], dict[str, LoadedModel]] = {}
 
 
-def cached_loader(settings: Settings, device: torch.device) -> dict[str, LoadedModel]:
+def cached_loader(settings: ServerPlan, device: torch.device) -> dict[str, LoadedModel]:
     """Load each (models, batch size, dtype, layout, execution plan) once per test session."""
     key = (
         settings.models,
         str(settings.weights_dir),
-        settings.batch_size,
+        settings.max_batch_size,
         settings.dtype,
         settings.channels_last,
-        settings.buckets,
+        settings.batch_buckets,
         settings.cuda_graphs,
         settings.compile,
     )
