@@ -107,7 +107,7 @@ class Settings(BaseSettings):
             ge=1,
             le=1_000_000,
             description="admitted images waiting per model, beyond which 429; "
-            "None: 8 x the max batch, and at least --max-images-per-request",
+            "None: 8 x the max batch, and at least an explicit --max-images-per-request",
         ),
     ] = None
     request_timeout_s: Annotated[
