@@ -1,8 +1,13 @@
-"""Every setting of the server, from CLI flags, `RESNET_SERVE_*` environment variables and defaults."""
+"""Every setting of the server, from CLI flags, `RESNET_SERVE_*` environment variables and defaults.
+
+`Settings` is what the operator wrote (`None`: "pick what suits the device"); the `serve` flags and
+their help are generated from its fields (see service/cli.py). `Settings.resolve` turns it into the
+`ServerPlan` the server runs with: every default filled in, every cross-field rule checked here.
+"""
 
 from __future__ import annotations
 
-import os
+import dataclasses
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
@@ -10,7 +15,10 @@ from typing import Annotated
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from service import cores
+
 DEFAULT_MODELS = ("resnet18v1",)
+DEFAULT_MAX_IMAGES_PER_REQUEST = 64
 
 
 class MissingWeightsPolicy(StrEnum):
@@ -23,54 +31,149 @@ class MissingWeightsPolicy(StrEnum):
 
 
 class Settings(BaseSettings):
-    """Server settings; `None` means "pick the default that suits the device" (see `resolved`)."""
+    """Run the HTTP server. Every flag is also RESNET_SERVE_<NAME> in the environment; a flag wins."""
 
     model_config = SettingsConfigDict(env_prefix="RESNET_SERVE_", extra="forbid", frozen=True)
 
     # NoDecode: the env var is a comma list (`resnet18v1,resnet50v1`), not JSON.
-    models: Annotated[tuple[str, ...], Field(min_length=1), NoDecode] = DEFAULT_MODELS
-    weights_dir: Path = Path("weights")
-    missing_weights: MissingWeightsPolicy = MissingWeightsPolicy.FAIL
-    random_seed: int = 0
-    # Where `--missing-weights fetch` downloads from: download.pytorch.org/models/ or a mirror of it.
-    weights_base_url: str = "https://download.pytorch.org/models/"
-    host: str = "127.0.0.1"
-    # Server processes on the one port, each with its own model copy (see service/supervisor.py).
-    workers: Annotated[int, Field(ge=1, le=64)] = 1
-    port: Annotated[int, Field(ge=0, le=65535)] = 8080
-    device: Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")] = "auto"
+    models: Annotated[
+        tuple[str, ...],
+        Field(min_length=1, description="comma-separated models to load, e.g. resnet18v1,resnet50v1"),
+        NoDecode,
+    ] = DEFAULT_MODELS
+    weights_dir: Annotated[Path, Field(description="directory holding the weights files")] = Path("weights")
+    missing_weights: Annotated[
+        MissingWeightsPolicy,
+        Field(description="when a model has no weights file: fail, fetch, random or fetch-or-random"),
+    ] = MissingWeightsPolicy.FAIL
+    random_seed: Annotated[int, Field(description="seed of generated random-init weights")] = 0
+    weights_base_url: Annotated[
+        str, Field(description="where --missing-weights fetch downloads from: download.pytorch.org/models/ or a mirror")
+    ] = "https://download.pytorch.org/models/"
+    host: Annotated[str, Field(description="address to bind")] = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535, description="port to bind")] = 8080
+    workers: Annotated[
+        int,
+        Field(ge=1, le=64, description="server processes on the port, each with its own model copy"),
+    ] = 1
+    device: Annotated[
+        str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto (CUDA when available), cpu, cuda or cuda:N")
+    ] = "auto"
 
-    max_batch_size: Annotated[int | None, Field(ge=1, le=1024)] = None
-    # Sizes a batch is padded up to, e.g. `1,2,4,8`; `off` runs each batch at its own size. Default:
-    # powers of two up to the max batch on a GPU (static shapes for CUDA graphs), off on a CPU (padding
-    # would cost CPU time for nothing).
-    batch_buckets: Annotated[tuple[int, ...] | None, NoDecode] = None
-    cuda_graphs: bool | None = None
-    # torch.compile each bucket at startup: slower to start; measure before turning it on.
-    compile: bool = False
-    # Decode JPEGs with their batch on the model's device (nvJPEG on CUDA) instead of in the decode
-    # pool; the host still checks each header. Not bit-identical with the reference transform.
-    decode_on_device: bool = False
-    # Batches handed to the device at once: 2 on a GPU overlaps the next batch's copy with the forward.
-    max_batches_in_flight: Annotated[int | None, Field(ge=1, le=8)] = None
-    max_delay_ms: Annotated[float | None, Field(ge=0, le=10_000)] = None
-    max_queue_size: Annotated[int | None, Field(ge=1, le=1_000_000)] = None
-    request_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 30.0
-    # A body that has not fully arrived by then is refused (408) and its queue slot freed.
-    upload_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 10.0
-    max_upload_bytes: Annotated[int, Field(ge=1)] = 10 * 1024 * 1024
-    max_header_bytes: Annotated[int, Field(ge=1024)] = 64 * 1024
-    max_image_pixels: Annotated[int, Field(ge=1)] = 50_000_000
-    max_images_per_request: Annotated[int, Field(ge=1, le=4096)] = 64
-    shutdown_grace_s: Annotated[float, Field(ge=0, le=3600)] = 30.0
+    max_batch_size: Annotated[
+        int | None, Field(ge=1, le=1024, description="images per forward at most; None: 8 on CPU, 64 on GPU")
+    ] = None
+    # The env var and flag take `1,2,4,8`, `off` or `auto`, not JSON.
+    batch_buckets: Annotated[
+        tuple[int, ...] | None,
+        Field(
+            description="sizes a batch is padded up to, e.g. 1,2,4,8, or off (each batch at its own size); "
+            "None or auto: powers of 2 up to the max batch on GPU (static shapes), off on CPU (where padding "
+            "costs CPU time for nothing)"
+        ),
+        NoDecode,
+    ] = None
+    cuda_graphs: Annotated[
+        bool | None,
+        Field(description="capture one CUDA graph per batch bucket at startup; None: on with CUDA and buckets"),
+    ] = None
+    compile: Annotated[
+        bool,
+        Field(description="torch.compile the model, one shape per bucket, at startup: slower to start; measure first"),
+    ] = False
+    decode_on_device: Annotated[
+        bool,
+        Field(
+            description="decode JPEGs in their batch on the model's device (nvJPEG) instead of in the decode pool; "
+            "not bit-identical with the reference transform"
+        ),
+    ] = False
+    max_batches_in_flight: Annotated[
+        int | None,
+        Field(
+            ge=1,
+            le=8,
+            description="batches handed to the device at once; 2 overlaps the next batch's copy with the forward; "
+            "None: 2 on GPU, 1 on CPU",
+        ),
+    ] = None
+    max_delay_ms: Annotated[
+        float | None,
+        Field(ge=0, le=10_000, description="how long a batch waits to fill; None: 2 on CPU, 5 on GPU"),
+    ] = None
+    max_queue_size: Annotated[
+        int | None,
+        Field(
+            ge=1,
+            le=1_000_000,
+            description="admitted images waiting per model, beyond which 429; "
+            "None: 8 x the max batch, and at least an explicit --max-images-per-request",
+        ),
+    ] = None
+    request_timeout_s: Annotated[
+        float, Field(gt=0, le=3600, description="deadline of a request from its arrival; then 504")
+    ] = 30.0
+    upload_timeout_s: Annotated[
+        float, Field(gt=0, le=3600, description="time for a body to arrive; then 408 and its queue slot is freed")
+    ] = 10.0
+    # A legitimate client sends its head in one write; 10 s leaves room for a slow mobile link and
+    # sits between uvicorn's 5 s keep-alive and nginx's 60 s client_header_timeout, while a client
+    # trickling a header byte by byte (slowloris) loses its connection within seconds, not never.
+    head_timeout_s: Annotated[
+        float,
+        Field(gt=0, le=3600, description="time for a request's line and headers to arrive; then the connection closes"),
+    ] = 10.0
+    max_connections: Annotated[
+        int,
+        Field(
+            ge=0,
+            description="open connections at most (uvicorn's limit_concurrency); beyond it 503; 0: no cap. "
+            "Keep it under the open-file limit (ulimit -n)",
+        ),
+    ] = 2048
+    max_upload_bytes: Annotated[int, Field(ge=1, description="body size cap; then 413")] = 10 * 1024 * 1024
+    max_header_bytes: Annotated[
+        int, Field(ge=1024, description="request line + headers cap; then 431 and the connection closes")
+    ] = 64 * 1024
+    max_image_pixels: Annotated[int, Field(ge=1, description="pixel cap, checked before decoding; then 400")] = (
+        50_000_000
+    )
+    max_images_per_request: Annotated[
+        int | None,
+        Field(
+            ge=1,
+            le=4096,
+            description="data parts in one request, at most --max-queue-size (a bigger request could never be "
+            "admitted); None: 64, or the queue size if smaller",
+        ),
+    ] = None
+    shutdown_grace_s: Annotated[
+        float,
+        Field(ge=0, le=3600, description="time to finish admitted work after SIGTERM; 0 cancels it at once"),
+    ] = 30.0
 
-    decode_workers: Annotated[int | None, Field(ge=1, le=256)] = None
-    torch_threads: Annotated[int | None, Field(ge=1, le=1024)] = None
-    channels_last: bool = True
+    decode_workers: Annotated[
+        int | None,
+        Field(ge=1, le=256, description="threads decoding images; None: the usable CPUs (GPU: less 1), per worker"),
+    ] = None
+    torch_threads: Annotated[
+        int | None,
+        Field(
+            ge=1,
+            le=1024,
+            description="intra-op threads of the forward; None: the usable CPUs (GPU: 4 at most), per worker",
+        ),
+    ] = None
+    channels_last: Annotated[bool, Field(description="channels_last memory format for the forward")] = True
     # fp32 by default: the correctness tests compare against an fp32 torchvision forward.
-    dtype: Annotated[str, Field(pattern=r"^(float32|float16|bfloat16)$")] = "float32"
-    access_log: bool = False
-    log_level: Annotated[str, Field(pattern=r"^(debug|info|warning|error)$")] = "info"
+    dtype: Annotated[
+        str,
+        Field(pattern=r"^(float32|float16|bfloat16)$", description="float32, or float16 / bfloat16 autocast (GPU)"),
+    ] = "float32"
+    access_log: Annotated[bool, Field(description="uvicorn's log line for each request")] = False
+    log_level: Annotated[
+        str, Field(pattern=r"^(debug|info|warning|error)$", description="debug, info, warning or error")
+    ] = "info"
 
     @field_validator("models", mode="before")
     @classmethod
@@ -98,64 +201,88 @@ class Settings(BaseSettings):
             raise ValueError("batch buckets are batch sizes, each at least 1")
         return tuple(sorted(set(value))) if value is not None else None
 
-    def resolved(self, *, on_gpu: bool) -> Settings:
-        """Fill every device-dependent default; an explicit value always wins."""
-        # Threads are per process: with several workers, they share the cores.
-        cores = max(1, (os.cpu_count() or 1) // self.workers)
-        defaults: dict[str, object] = {
-            # CPU: batches beyond 8 add latency without adding throughput; a GPU wants full batches.
-            "max_batch_size": 64 if on_gpu else 8,
-            "max_delay_ms": 5.0 if on_gpu else 2.0,
-            "decode_workers": max(2, cores - 1) if on_gpu else max(1, cores),
-            "torch_threads": max(1, min(4, cores)) if on_gpu else cores,
-            "max_batches_in_flight": 2 if on_gpu else 1,
-        }
-        updates = {key: value for key, value in defaults.items() if getattr(self, key) is None}
-        batch = updates.get("max_batch_size", self.max_batch_size)
-        assert isinstance(batch, int)
-        if self.max_queue_size is None:
-            updates["max_queue_size"] = batch * 8
+    def resolve(self, *, on_gpu: bool) -> ServerPlan:
+        """The plan to run: every device-dependent default filled in (an explicit value always wins)
+        and every rule between settings checked. Raises ValueError with one line naming the flags."""
+        # Threads are per process: with several workers, they share the CPUs this process may use.
+        cpus = max(1, cores.usable_cpus() // self.workers)
+        # CPU: batches beyond 8 add latency without adding throughput; a GPU wants full batches.
+        batch = self.max_batch_size or (64 if on_gpu else 8)
         buckets = self.batch_buckets
         if buckets is None:
             buckets = power_of_two_buckets(batch) if on_gpu else ()
-            updates["batch_buckets"] = buckets
         if buckets and buckets[-1] < batch:
-            raise ValueError(f"the largest batch bucket ({buckets[-1]}) is below the max batch size ({batch})")
-        if self.cuda_graphs is None:
-            updates["cuda_graphs"] = on_gpu and bool(buckets)
-        elif self.cuda_graphs and not (on_gpu and buckets):
-            raise ValueError("CUDA graphs need a CUDA device and batch buckets")
-        return self.model_copy(update=updates)
+            raise ValueError(
+                f"--batch-buckets: the largest batch bucket ({buckets[-1]}) is below the max batch size ({batch}); "
+                "add a bucket of at least --max-batch-size, or lower --max-batch-size"
+            )
+        cuda_graphs = self.cuda_graphs if self.cuda_graphs is not None else on_gpu and bool(buckets)
+        if cuda_graphs and not (on_gpu and buckets):
+            raise ValueError("--cuda-graphs: CUDA graphs need a CUDA device and batch buckets; use --no-cuda-graphs")
+        # A request is admitted whole or not at all, so the queue must hold the largest one: each
+        # default gives way to the other, and only two explicit values can disagree.
+        queue = self.max_queue_size or max(batch * 8, self.max_images_per_request or 0)
+        images = self.max_images_per_request or min(DEFAULT_MAX_IMAGES_PER_REQUEST, queue)
+        if images > queue:
+            raise ValueError(
+                f"--max-images-per-request ({images}) is larger than --max-queue-size ({queue}): a request "
+                "that big could never be admitted; raise --max-queue-size or lower --max-images-per-request"
+            )
+        resolved: dict[str, object] = {
+            "max_batch_size": batch,
+            "max_delay_ms": self.max_delay_ms if self.max_delay_ms is not None else (5.0 if on_gpu else 2.0),
+            "batch_buckets": buckets,
+            "cuda_graphs": cuda_graphs,
+            "max_batches_in_flight": self.max_batches_in_flight or (2 if on_gpu else 1),
+            "max_queue_size": queue,
+            "max_images_per_request": images,
+            "decode_workers": self.decode_workers or (max(2, cpus - 1) if on_gpu else cpus),
+            "torch_threads": self.torch_threads or (min(4, cpus) if on_gpu else cpus),
+        }
+        given = {name: getattr(self, name) for name in type(self).model_fields if name not in resolved}
+        return ServerPlan(**given, **resolved)  # type: ignore[arg-type]
 
-    # Accessors for resolved settings, so callers need no `assert x is not None` each time.
-    @property
-    def batch_size(self) -> int:
-        assert self.max_batch_size is not None, "call resolved() first"
-        return self.max_batch_size
 
-    @property
-    def delay_s(self) -> float:
-        assert self.max_delay_ms is not None, "call resolved() first"
-        return self.max_delay_ms / 1000.0
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class ServerPlan:
+    """The settings the server runs with: the same names as `Settings`, nothing left to choose."""
 
-    @property
-    def buckets(self) -> tuple[int, ...]:
-        assert self.batch_buckets is not None, "call resolved() first"
-        return self.batch_buckets
-
-    @property
-    def in_flight(self) -> int:
-        assert self.max_batches_in_flight is not None, "call resolved() first"
-        return self.max_batches_in_flight
+    models: tuple[str, ...]
+    weights_dir: Path
+    missing_weights: MissingWeightsPolicy
+    random_seed: int
+    weights_base_url: str
+    host: str
+    port: int
+    workers: int
+    device: str
+    max_batch_size: int
+    batch_buckets: tuple[int, ...]
+    cuda_graphs: bool
+    compile: bool
+    decode_on_device: bool
+    max_batches_in_flight: int
+    max_delay_ms: float
+    max_queue_size: int
+    request_timeout_s: float
+    upload_timeout_s: float
+    head_timeout_s: float
+    max_connections: int
+    max_upload_bytes: int
+    max_header_bytes: int
+    max_image_pixels: int
+    max_images_per_request: int
+    shutdown_grace_s: float
+    decode_workers: int
+    torch_threads: int
+    channels_last: bool
+    dtype: str
+    access_log: bool
+    log_level: str
 
     @property
     def max_delay_s(self) -> float:
-        return self.delay_s
-
-    @property
-    def queue_size(self) -> int:
-        assert self.max_queue_size is not None, "call resolved() first"
-        return self.max_queue_size
+        return self.max_delay_ms / 1000.0
 
 
 def power_of_two_buckets(max_batch_size: int) -> tuple[int, ...]:
@@ -166,7 +293,3 @@ def power_of_two_buckets(max_batch_size: int) -> tuple[int, ...]:
         sizes.add(size)
         size *= 2
     return tuple(sorted(sizes))
-
-
-# TEMPORARY stand-in until the resolved plan lands.
-ServerPlan = Settings

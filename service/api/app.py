@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry
 from service import __version__
 from service.api import admin, handlers, predict
 from service.api.uploads import UploadLimits
-from service.config import Settings
+from service.config import ServerPlan, Settings
 from service.engine import Engine
 from service.errors import StartupError
 from service.metrics import CudaMemoryCollector, Metrics
@@ -23,7 +23,7 @@ from service.models.runner import pick_device
 
 logger = logging.getLogger(__name__)
 
-ModelLoader = Callable[[Settings, torch.device], dict[str, LoadedModel]]
+ModelLoader = Callable[[ServerPlan, torch.device], dict[str, LoadedModel]]
 
 
 def create_app(
@@ -36,10 +36,10 @@ def create_app(
     """Build the app. Models load in the lifespan: before it yields (tests), or behind it
     (`background_load`, the CLI) so that /health/live answers and /ping says Unhealthy meanwhile."""
     device = pick_device(settings.device)
-    resolved = settings.resolved(on_gpu=device.type == "cuda")
-    torch.set_num_threads(resolved.torch_threads or 1)
+    resolved = settings.resolve(on_gpu=device.type == "cuda")
+    torch.set_num_threads(resolved.torch_threads)
     registry = CollectorRegistry()
-    metrics = Metrics(registry, max_batch_size=resolved.batch_size)
+    metrics = Metrics(registry, max_batch_size=resolved.max_batch_size)
     if device.type == "cuda":
         metrics.add_host_collector(CudaMemoryCollector(range(torch.cuda.device_count())))
     engine = Engine(resolved, metrics, device)

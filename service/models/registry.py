@@ -18,7 +18,7 @@ from typing import Protocol
 import torch
 from PIL import Image
 
-from service.config import MissingWeightsPolicy, Settings
+from service.config import MissingWeightsPolicy, ServerPlan
 from service.errors import StartupError
 from service.imaging import EncodedJpeg, Preprocessing, inspect_jpeg, preprocess
 from service.models.catalog import ModelSpec, find_spec, known_names
@@ -124,7 +124,7 @@ def obtain_weights(spec: ModelSpec, settings: WeightsSettings) -> WeightsFile:
 def load_model(
     spec: ModelSpec,
     weights: WeightsFile,
-    settings: Settings,
+    settings: ServerPlan,
     device: torch.device,
     *,
     expected_sha256: str | None = None,
@@ -141,7 +141,7 @@ def load_model(
         device=device,
         dtype=DTYPES[settings.dtype],
         channels_last=settings.channels_last,
-        plan=ExecutionPlan(buckets=settings.buckets, cuda_graphs=bool(settings.cuda_graphs), compile=settings.compile),
+        plan=ExecutionPlan(buckets=settings.batch_buckets, cuda_graphs=settings.cuda_graphs, compile=settings.compile),
         host_preprocess=functools.partial(preprocess, spec=preprocessing, max_pixels=settings.max_image_pixels),
     )
     labels = labels_for(spec.name, weights.path, runner.num_classes)
@@ -159,7 +159,7 @@ def load_model(
 
 
 def load_all(
-    settings: Settings, device: torch.device, weights: Mapping[str, VerifiedWeights] | None = None
+    settings: ServerPlan, device: torch.device, weights: Mapping[str, VerifiedWeights] | None = None
 ) -> dict[str, LoadedModel]:
     """Load and warm every configured model, or raise StartupError: never half a set.
 
@@ -179,7 +179,7 @@ def load_all(
         logger.info("loading %s from %s (%s)", spec.name, found.path, found.describe())
         model = load_model(spec, found, settings, device, expected_sha256=expected_sha256)
         sample = _sample_jpeg(model.preprocessing) if settings.decode_on_device else None
-        model.runner.warm_up([1, settings.batch_size], jpeg=sample)
+        model.runner.warm_up([1, settings.max_batch_size], jpeg=sample)
         loaded[spec.name] = model
     return loaded
 

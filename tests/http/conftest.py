@@ -14,14 +14,14 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from service.api.app import create_app
-from service.config import Settings
+from service.config import ServerPlan, Settings
 from service.engine import Engine
 from service.models.registry import LoadedModel, load_all
 
 _loaded: dict[tuple[Any, ...], dict[str, LoadedModel]] = {}
 
 
-def cached_loader(settings: Settings, device: torch.device) -> dict[str, LoadedModel]:
+def cached_loader(settings: ServerPlan, device: torch.device) -> dict[str, LoadedModel]:
     """Load each (models, batch size, dtype, layout, execution plan) once per test session."""
     key = (
         settings.models,

@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import signal
 import socket
+import subprocess
+import sys
 import time
 
 import httpx
@@ -13,7 +15,8 @@ import pytest
 
 from service.models.catalog import CATALOG
 from service.models.weights import write_random
-from tests.integration.live import multipart_request, open_loop, running, spawn, wait_ready
+from tests.conftest import REPO
+from tests.integration.live import LiveServer, free_port, multipart_request, open_loop, running, spawn, wait_ready
 
 pytestmark = pytest.mark.integration
 
@@ -128,6 +131,67 @@ def test_sigterm_answers_every_admitted_request_and_refuses_new_ones(weights, tm
     assert code == 0
     assert exited_after < 20
     assert "draining" in server.log()
+
+
+@pytest.mark.parametrize("grace", ["0", "0.5"])
+def test_a_hung_forward_is_cancelled_at_the_grace_and_the_process_exits_1_saying_so(weights, tmp_path, photos, grace):
+    """A forward that never returns: the request is cancelled when the grace ends (0 means at once,
+    never "wait for ever"), and as the forward thread can never be joined, the process exits 1 a
+    fixed margin later with one line that says why."""
+    port = free_port()
+    log_path = tmp_path / "server.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "tests.integration.stubs", "hung-forward", str(weights), str(port), grace],
+            cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    server = LiveServer(process, port, log_path)
+    request: socket.socket | None = None
+    try:
+        wait_ready(server)
+        request = _send(port, multipart_request(photos["kitten_small.jpg"]))
+        _wait_for_log(server, "forward entered")
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(timeout=60)
+    finally:
+        server.stop(signal.SIGKILL)
+        if request is not None:
+            request.close()
+    log = server.log()
+    assert code == 1, log
+    cancelled = log.find("timeout graceful shutdown exceeded")
+    killed = log.find("killed: work was still running")
+    assert 0 <= cancelled < killed, log
+    assert log.count("killed: work was still running") == 1
+
+
+def test_connections_over_the_cap_are_answered_503(weights, tmp_path):
+    """uvicorn's limit_concurrency counts the connection asking too: a cap of 3 serves 2 at once."""
+
+    def get(sock: socket.socket) -> bytes:
+        sock.sendall(b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+        return sock.recv(65536).split(b"\r\n", 1)[0]
+
+    with running(weights, tmp_path / "server.log", "--max-connections", "3") as server:
+        held = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(2)]
+        try:
+            assert [get(sock) for sock in held] == [b"HTTP/1.1 200 OK"] * 2
+            with socket.create_connection(("127.0.0.1", server.port), timeout=10) as third:
+                assert get(third) == b"HTTP/1.1 503 Service Unavailable"
+        finally:
+            for sock in held:
+                sock.close()
+        deadline = time.monotonic() + 10  # the server notices the closed connections
+        while httpx.get(f"{server.url}/health/live", timeout=5).status_code != 200:
+            assert time.monotonic() < deadline, "still refused after the held connections closed"
+            time.sleep(0.05)
+
+
+def _wait_for_log(server: LiveServer, text: str, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while text not in server.log():
+        assert time.monotonic() < deadline, f"{text!r} not logged within {timeout_s} s:\n{server.log()}"
+        time.sleep(0.05)
 
 
 def _send(port: int, request: bytes) -> socket.socket:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import queue
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -17,6 +19,7 @@ import pytest
 
 from service.models.catalog import CATALOG
 from service.models.weights import write_random
+from tests.conftest import REPO
 from tests.http.test_correctness import assert_matches, reference_probabilities
 from tests.integration.live import LiveServer, spawn, wait_ready
 
@@ -171,3 +174,93 @@ def test_a_port_in_use_is_one_clear_line(weights, tmp_path):
     assert result.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+class Stub:
+    """`python -m tests.integration.stubs ...`, its output lines gathered as they come."""
+
+    def __init__(self, *args: str) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "tests.integration.stubs", *args],
+            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.seen: list[str] = []
+        self.workers: list[int] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.lines.put(line.rstrip("\n"))
+
+    def wait_for(self, text: str, count: int, timeout_s: float = 60) -> None:
+        deadline = time.monotonic() + timeout_s
+        while sum(text in line for line in self.seen) < count:
+            try:
+                self.seen.append(self.lines.get(timeout=max(0.0, deadline - time.monotonic())))
+            except queue.Empty:
+                raise AssertionError(f"{count} x {text!r} not seen within {timeout_s} s:\n{self.log()}") from None
+
+    def note_workers(self) -> None:
+        for child in psutil.Process(self.process.pid).children():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                if any("spawn_main" in part for part in child.cmdline()):
+                    self.workers.append(child.pid)
+
+    def wait(self, timeout_s: float) -> int:
+        code = self.process.wait(timeout=timeout_s)
+        self._reader.join(timeout=10)  # the rest of the output, up to EOF
+        with contextlib.suppress(queue.Empty):
+            while True:
+                self.seen.append(self.lines.get_nowait())
+        return code
+
+    def close(self) -> None:
+        """Whatever the test's outcome: nothing left running (these workers ignore SIGTERM)."""
+        for pid in [self.process.pid, *self.workers]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.process.wait()
+        self._reader.join(timeout=10)
+        assert self.process.stdout is not None
+        self.process.stdout.close()
+
+    def log(self) -> str:
+        return "\n".join(self.seen)
+
+
+def test_workers_that_all_hang_are_killed_after_the_grace_period():
+    """Every worker stuck (one hung GPU stalls them all): no worker ever exits by itself, and yet the
+    kill deadline holds."""
+    stub = Stub("hung-workers", "0.2")
+    try:
+        stub.wait_for("ready", 2)
+        stub.note_workers()
+        stub.process.send_signal(signal.SIGTERM)
+        code = stub.wait(timeout_s=30)
+    finally:
+        stub.close()
+    assert code == 1, stub.log()
+    assert len(stub.workers) == 2, stub.log()
+    for pid in stub.workers:
+        assert f"(pid {pid}) did not stop in time: killing it" in stub.log()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_each_signal_reaches_the_workers_as_it_was_received(sig):
+    """A second Ctrl-C must reach the workers as SIGINT too: uvicorn's force-quit."""
+    stub = Stub("signal-workers", "30")
+    try:
+        stub.wait_for("ready", 2)
+        stub.process.send_signal(sig)
+        stub.wait_for(f"got {sig.name}", 2)
+        stub.process.send_signal(sig)
+        stub.wait_for(f"got {sig.name}", 4)
+        code = stub.wait(timeout_s=30)
+    finally:
+        stub.close()
+    assert code == 0, stub.log()
+    other = signal.SIGTERM if sig == signal.SIGINT else signal.SIGINT
+    assert f"got {other.name}" not in stub.log()

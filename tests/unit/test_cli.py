@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
 import pytest
 
-from service.cli import SERVE_FLAGS, SERVE_SWITCHES, main
-from service.config import Settings
+from service import cli
+from service.cli import main
+from service.config import MissingWeightsPolicy, Settings
 from tests.conftest import REPO
 from tests.unit.conftest import OneFile
 
@@ -46,18 +48,102 @@ def test_unknown_model_names_are_refused(tmp_path, capsys):
 
 def test_serve_rejects_bad_settings_before_starting(capsys):
     assert main(["serve", "--max-batch-size", "0"]) == 2
-    assert "max_batch_size" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("resnet-serve: invalid setting: --max-batch-size (RESNET_SERVE_MAX_BATCH_SIZE): ")
+    assert err.count("\n") == 1, err
     assert main(["serve", "--models", "resnet18v1,vgg16"]) == 2
     assert "unknown model 'vgg16'" in capsys.readouterr().err
 
 
-def test_every_serve_flag_is_a_setting_and_every_setting_a_flag():
-    fields = set(Settings.model_fields)
-    flags = [(flag, field) for flag, field, _, _ in SERVE_FLAGS] + [(flag, field) for flag, field, _ in SERVE_SWITCHES]
-    for flag, field in flags:
-        assert field in fields, flag
-        assert flag == "--" + field.replace("_", "-")
-    assert {field for _, field in flags} == fields
+def test_a_bad_value_from_the_environment_is_one_line_too(capsys, monkeypatch):
+    monkeypatch.setenv("RESNET_SERVE_SHUTDOWN_GRACE_S", "soon")
+    assert main(["serve"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("resnet-serve: invalid setting: --shutdown-grace-s (RESNET_SERVE_SHUTDOWN_GRACE_S): ")
+    assert err.count("\n") == 1, err
+
+
+def test_a_request_bigger_than_the_queue_is_refused_at_startup(tmp_path):
+    """Two settings that cannot both hold: one line naming both, exit 2, before any model loads."""
+    result = subprocess.run(
+        [sys.executable, "-m", "service", "serve", "--weights-dir", str(tmp_path), "--port", "0",
+         "--max-queue-size", "8", "--max-images-per-request", "64"],
+        capture_output=True, text=True, timeout=120, check=False, cwd=REPO,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
+    line = result.stderr.strip()
+    assert line.startswith("resnet-serve: invalid setting: --max-images-per-request (64) is larger than")
+    assert "--max-queue-size (8)" in line
+    assert "raise --max-queue-size or lower --max-images-per-request" in line
+
+
+@pytest.fixture
+def served(monkeypatch) -> list[Settings]:
+    """The settings `serve` would run with, instead of running it."""
+    seen: list[Settings] = []
+
+    def capture(settings: Settings) -> int:
+        seen.append(settings)
+        return 0
+
+    monkeypatch.setattr(cli, "_serve", capture)
+    return seen
+
+
+def test_the_flags_of_the_scripts_and_compose_files_still_parse(served, tmp_path):
+    argv = [
+        "serve", "--models", "resnet18v1,resnet50v1", "--weights-dir", str(tmp_path), "--missing-weights",
+        "fetch-or-random", "--batch-buckets", "1,2,4,8", "--no-cuda-graphs", "--no-channels-last", "--compile",
+        "--max-delay-ms", "0", "--shutdown-grace-s", "0.5", "--workers", "2", "--port", "0",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    assert main(["serve", "--batch-buckets", "off", "--cuda-graphs", "--access-log"]) == 0
+    assert main(["serve", "--batch-buckets", "auto"]) == 0
+    first, second, third = served
+    assert first.models == ("resnet18v1", "resnet50v1")
+    assert first.weights_dir == tmp_path
+    assert first.missing_weights is MissingWeightsPolicy.FETCH_OR_RANDOM
+    assert (first.batch_buckets, first.cuda_graphs, first.channels_last, first.compile) == (
+        (1, 2, 4, 8),
+        False,
+        False,
+        True,
+    )
+    assert (first.max_delay_ms, first.shutdown_grace_s, first.workers, first.port) == (0, 0.5, 2, 0)
+    assert (second.batch_buckets, second.cuda_graphs, second.access_log) == ((), True, True)
+    assert third.batch_buckets is None
+
+
+def test_a_flag_wins_over_the_environment_and_the_environment_over_defaults(served, monkeypatch):
+    monkeypatch.setenv("RESNET_SERVE_MAX_BATCH_SIZE", "3")
+    monkeypatch.setenv("RESNET_SERVE_CHANNELS_LAST", "false")
+    monkeypatch.setenv("RESNET_SERVE_MODELS", "resnet34v1")
+    assert main(["serve", "--max-batch-size", "5", "--channels-last"]) == 0
+    assert main(["serve"]) == 0
+    flagged, from_env = served
+    assert (flagged.max_batch_size, flagged.channels_last, flagged.models) == (5, True, ("resnet34v1",))
+    assert (from_env.max_batch_size, from_env.channels_last) == (3, False)
+
+
+def test_every_setting_is_a_serve_flag_with_its_description_as_help(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", "--help"])
+    assert exit_.value.code == 0
+    help_text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for name, field in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        assert re.search(rf"{flag}\b", help_text), flag
+        if field.annotation in (bool, bool | None):
+            assert f"--no-{name.replace('_', '-')}" in help_text, flag
+        assert field.description, name
+        assert " ".join(field.description.split()[:4]) in help_text, name
+
+
+def test_no_command_prints_the_commands_and_exits_2(capsys):
+    assert main([]) == 2
+    out = capsys.readouterr().out
+    assert "serve" in out and "weights" in out
 
 
 @pytest.mark.parametrize("entry", [[sys.executable, "-m", "service"], [str(REPO / ".venv/bin/resnet-serve")]])

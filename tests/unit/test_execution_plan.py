@@ -91,20 +91,20 @@ def test_warm_up_runs_every_bucket_before_serving():
 
 
 def test_settings_pick_buckets_graphs_and_overlap_by_device():
-    gpu = Settings().resolved(on_gpu=True)
-    cpu = Settings().resolved(on_gpu=False)
-    assert (gpu.buckets, gpu.cuda_graphs, gpu.in_flight) == ((1, 2, 4, 8, 16, 32, 64), True, 2)
-    assert (cpu.buckets, cpu.cuda_graphs, cpu.in_flight) == ((), False, 1)
-    assert Settings(batch_buckets="off").resolved(on_gpu=True).cuda_graphs is False
-    assert Settings(batch_buckets="8, 2,4").resolved(on_gpu=False).buckets == (2, 4, 8)
-    assert Settings(batch_buckets="auto").resolved(on_gpu=True).buckets == gpu.buckets
+    gpu = Settings().resolve(on_gpu=True)
+    cpu = Settings().resolve(on_gpu=False)
+    assert (gpu.batch_buckets, gpu.cuda_graphs, gpu.max_batches_in_flight) == ((1, 2, 4, 8, 16, 32, 64), True, 2)
+    assert (cpu.batch_buckets, cpu.cuda_graphs, cpu.max_batches_in_flight) == ((), False, 1)
+    assert Settings(batch_buckets="off").resolve(on_gpu=True).cuda_graphs is False
+    assert Settings(batch_buckets="8, 2,4").resolve(on_gpu=False).batch_buckets == (2, 4, 8)
+    assert Settings(batch_buckets="auto").resolve(on_gpu=True).batch_buckets == gpu.batch_buckets
 
 
 def test_settings_refuse_buckets_below_the_batch_and_graphs_without_cuda():
     with pytest.raises(ValueError, match=r"largest batch bucket \(4\) is below the max batch size \(8\)"):
-        Settings(batch_buckets="1,2,4").resolved(on_gpu=False)
+        Settings(batch_buckets="1,2,4").resolve(on_gpu=False)
     with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
-        Settings(cuda_graphs=True).resolved(on_gpu=False)
+        Settings(cuda_graphs=True).resolve(on_gpu=False)
     with pytest.raises(ValueError, match="each at least 1"):
         Settings(batch_buckets="0,4")
 
@@ -113,8 +113,8 @@ def test_settings_read_the_plan_from_the_environment(monkeypatch):
     monkeypatch.setenv("RESNET_SERVE_BATCH_BUCKETS", "1,4,16")
     monkeypatch.setenv("RESNET_SERVE_MAX_BATCHES_IN_FLIGHT", "3")
     monkeypatch.setenv("RESNET_SERVE_COMPILE", "true")
-    settings = Settings(max_batch_size=16).resolved(on_gpu=False)
-    assert (settings.buckets, settings.in_flight, settings.compile) == ((1, 4, 16), 3, True)
+    plan = Settings(max_batch_size=16).resolve(on_gpu=False)
+    assert (plan.batch_buckets, plan.max_batches_in_flight, plan.compile) == ((1, 4, 16), 3, True)
 
 
 def test_a_compiled_resnet_agrees_with_eager_on_every_bucket(weights_dir):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 import pytest
@@ -12,6 +11,7 @@ import torchvision
 from safetensors.torch import load_file
 
 from service.config import MissingWeightsPolicy, Settings
+from service.cores import usable_cpus
 from service.errors import InsufficientStorage, StartupError
 from service.imaging import Preprocessing
 from service.models.catalog import CATALOG, find_spec
@@ -208,12 +208,12 @@ def test_top_k_is_sorted_and_labelled():
 
 
 def test_settings_resolve_device_defaults_and_keep_explicit_values():
-    cpu = Settings().resolved(on_gpu=False)
-    gpu = Settings().resolved(on_gpu=True)
-    assert cpu.batch_size == 8 and gpu.batch_size == 64
-    assert cpu.queue_size == 64
-    explicit = Settings(max_batch_size=3, max_queue_size=5).resolved(on_gpu=True)
-    assert (explicit.batch_size, explicit.queue_size) == (3, 5)
+    cpu = Settings().resolve(on_gpu=False)
+    gpu = Settings().resolve(on_gpu=True)
+    assert cpu.max_batch_size == 8 and gpu.max_batch_size == 64
+    assert cpu.max_queue_size == 64
+    explicit = Settings(max_batch_size=3, max_queue_size=5).resolve(on_gpu=True)
+    assert (explicit.max_batch_size, explicit.max_queue_size) == (3, 5)
 
 
 def test_settings_read_the_environment(monkeypatch):
@@ -269,9 +269,9 @@ def test_out_of_memory_on_a_single_image_is_insufficient_storage():
 
 
 def test_workers_share_the_cores_between_their_threads():
-    cores = os.cpu_count() or 1
-    alone = Settings().resolved(on_gpu=False)
-    two = Settings(workers=2).resolved(on_gpu=False)
+    cores = usable_cpus()
+    alone = Settings().resolve(on_gpu=False)
+    two = Settings(workers=2).resolve(on_gpu=False)
     assert alone.torch_threads == cores
     assert two.torch_threads == max(1, cores // 2)
     with pytest.raises(ValueError, match="workers"):
