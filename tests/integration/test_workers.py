@@ -176,6 +176,44 @@ def test_a_port_in_use_is_one_clear_line(weights, tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_weights_are_obtained_once_for_all_workers(tmp_path):
+    """N workers must not make N downloads (nor, under fetch-or-random, write different random files)."""
+    import http.server
+
+    gets: list[str] = []
+
+    class Mirror(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            gets.append(self.path)
+            body = b"not the official checkpoint"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    mirror = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Mirror)
+    mirror.daemon_threads = True
+    threading.Thread(target=mirror.serve_forever, daemon=True).start()
+    base_url = f"http://127.0.0.1:{mirror.server_address[1]}/"
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "service", "serve", "--weights-dir", str(tmp_path / "empty"), "--workers", "2",
+             "--port", "0", "--missing-weights", "fetch", "--weights-base-url", base_url],
+            capture_output=True, text=True, timeout=120, check=False, cwd=REPO,
+        )  # fmt: skip
+    finally:
+        mirror.shutdown()
+        mirror.server_close()
+    # The supervisor fetched once, found it corrupt, and stopped before any worker started.
+    assert gets == ["/resnet18-f37072fd.pth"], gets
+    assert result.returncode == 1
+    assert "could not fetch the weights of resnet18v1" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 class Stub:
     """`python -m tests.integration.stubs ...`, its output lines gathered as they come."""
 
