@@ -30,7 +30,7 @@ CPU = torch.device("cpu")
 def _settings(weights_dir: Path, **overrides: Any) -> Settings:
     values: dict[str, Any] = {"models": ("resnet18v1",), "weights_dir": weights_dir, "device": "cpu"}
     values |= {"max_batch_size": 1, **overrides}  # warm-up at batch 1 only: cheap on a CPU
-    return Settings(**values).resolved(on_gpu=False)
+    return Settings(**values).resolve(on_gpu=False)
 
 
 def _conv1(model: LoadedModel) -> torch.Tensor:
