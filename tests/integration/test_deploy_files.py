@@ -147,13 +147,15 @@ def test_compose_server_service():
     assert server["build"]["dockerfile"] == "docker/Dockerfile"
     assert "8080:8080" in server["ports"]
     assert server["restart"] == "unless-stopped"
-    assert server["stop_grace_period"] == "35s"
+    assert server["stop_grace_period"] == "40s"
     env = server["environment"]
     assert env["RESNET_SERVE_HOST"] == "0.0.0.0"
     assert env["RESNET_SERVE_WEIGHTS_DIR"] == "/weights"
     assert env["RESNET_SERVE_PORT"] == "8080"
-    # SIGKILL must come after the server's own drain deadline.
-    assert float(env["RESNET_SERVE_SHUTDOWN_GRACE_S"]) < 35
+    # SIGKILL must come after the server's own drain deadline and its hung-work exit, which says why.
+    from service.server import HUNG_EXIT_MARGIN_S
+
+    assert float(env["RESNET_SERVE_SHUTDOWN_GRACE_S"]) + HUNG_EXIT_MARGIN_S < 40
     weights = mount_at(server, "/weights")
     assert weights["type"] == "volume"
     assert weights["source"] == "weights"
