@@ -1,8 +1,8 @@
-"""The `resnet-serve` command: `serve`, and `weights random|fetch|ensure|list`. Parsing and dispatch only.
+"""The `resnet-serve` command: `serve`, `weights random|fetch|ensure|list` and `predict`. Parsing and dispatch only.
 
 The flags, their help and the `RESNET_SERVE_*` environment variables of `serve` are generated from the
 fields of `service.config.Settings` by pydantic-settings' CLI support (a flag wins over the
-environment); the server itself is service/server.py.
+environment); the server itself is service/server.py, the `predict` client service/client.py.
 """
 
 from __future__ import annotations
@@ -74,6 +74,22 @@ class Weights(BaseModel):
     list: CliSubCommand[WeightsList] = Field(description="what weights are present, verified or not")
 
 
+class Predict(BaseModel):
+    """Classify images with a running server: any that speaks the MMS route POST {url}/{model}/predict.
+    All images go in one request. Exit codes: 0 answered; 1 the server answered an error (its message
+    on stderr); 2 bad local input (an unreadable image, a bad flag or URL); 3 no answer (refused, timeout)."""
+
+    images: CliPositionalArg[list[Path]]
+    url: Annotated[str | None, Field(description="the server; None: RESNET_SERVE_URL, else http://127.0.0.1:8080")] = (
+        None
+    )
+    model: Annotated[str, Field(description="the model to ask")] = "resnet18v1"
+    topk: Annotated[int | None, Field(ge=1, description="classes per image; None: the server's default")] = None
+    # Not `json`: that name would shadow BaseModel.json.
+    as_json: Annotated[bool, Field(alias="json", description="print the server's JSON as it came")] = False
+    timeout_s: Annotated[float, Field(gt=0, description="seconds to wait for the answer")] = 60.0
+
+
 class ResnetServe(BaseSettings):
     """Serve torchvision ResNets over HTTP, batched."""
 
@@ -88,6 +104,7 @@ class ResnetServe(BaseSettings):
 
     serve: CliSubCommand[Settings] = Field(description="run the HTTP server")
     weights: CliSubCommand[Weights] = Field(description="manage weights files")
+    predict: CliSubCommand[Predict] = Field(description="classify images with a running server (a client)")
 
     @classmethod
     def settings_customise_sources(
@@ -111,6 +128,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if command.serve is not None:
         return _serve(command.serve)
+    if command.predict is not None:
+        return _predict(command.predict)
     weights = command.weights
     if weights is not None and weights.random is not None:
         return _weights_random(weights.random)
@@ -143,6 +162,15 @@ def _serve(settings: Settings) -> int:
         return 2
     configure_logging(settings.log_level)
     return serve(settings)
+
+
+def _predict(args: Predict) -> int:
+    # Imported here, as the server's modules are in their commands: the client starts without them.
+    from service.client import run
+
+    return run(
+        args.images, url=args.url, model=args.model, topk=args.topk, as_json=args.as_json, timeout_s=args.timeout_s
+    )
 
 
 def _weights_random(args: WeightsRandom) -> int:
