@@ -87,6 +87,10 @@ def test_the_model_facts_and_the_random_init_warning(page, server):
     assert facts["Runtime"] == info["runtime"] and info["runtime"].startswith("torch ")
     assert facts["sha256"] == info["weights"]["sha256"]
     assert "random-init" in facts["Weights"]
+    # Every control has a name a screen reader says; the drop zone is a button.
+    expect(page.get_by_label("Model", exact=True)).to_have_value("resnet18v1")
+    expect(page.get_by_label("Top classes (topk)")).to_have_value("5")
+    expect(page.get_by_role("button", name="Choose images")).to_have_attribute("aria-describedby", "pick-help")
     expect(page.get_by_role("link", name="API docs")).to_have_attribute("href", "/docs")
     expect(page.get_by_role("link", name="Metrics")).to_have_attribute("href", "/metrics")
     expect(page.get_by_role("link", name="Grafana")).to_have_attribute("href", GRAFANA_URL)
@@ -110,6 +114,7 @@ def test_several_images_one_broken_one_oversized_each_shows_its_own_outcome(page
     expect(results.nth(1).locator(".bar")).to_have_count(0)
     said = f"HTTP {broken['code']} {broken['type']}: {broken['message']}"
     expect(results.nth(1).locator(".error")).to_have_text(said)
+    expect(results.nth(1).get_by_role("img", name="No preview of broken.jpg")).to_be_visible()
     # The 413 message counts the declared body, whose multipart framing differs between clients.
     too_big = api_error(server.url, "resnet18v1", oversized)
     assert too_big["code"] == 413

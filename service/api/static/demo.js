@@ -100,6 +100,12 @@ async function errorText(response) {
 
 function resultItem(file, thumbnail) {
   const image = element("img", { src: thumbnail, alt: `Uploaded image ${file.name}`, class: "thumbnail" });
+  // A file the browser cannot show either (the server will say why): a plain box, not a broken icon.
+  image.addEventListener("error", () =>
+    image.replaceWith(
+      element("div", { class: "thumbnail placeholder", role: "img", "aria-label": `No preview of ${file.name}`, text: "no preview" }),
+    ),
+  );
   const caption = element("p", { class: "name", text: file.name });
   const outcome = element("div", { class: "outcome", text: "Classifying…" });
   const item = element("li", { class: "result", "aria-busy": "true" }, image, element("div", { class: "body" }, caption, outcome));
