@@ -9,13 +9,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from playwright import sync_api as playwright_sync
 
 from tests.integration.live import LiveServer, running
 
-playwright_sync = pytest.importorskip("playwright.sync_api")
-
 # Debian's package (scripts/install-chromium.sh); playwright's own browser download needs the internet.
 CHROMIUM = os.environ.get("RESNET_SERVE_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+# Generous: a forward of resnet50 on a busy 2-core machine; the waits poll, so a fast run stays fast.
+TIMEOUT_MS = 30_000
+playwright_sync.expect.set_options(timeout=TIMEOUT_MS)
 GRAFANA_URL = "http://grafana.example:3000/d/resnet-serve"
 MAX_UPLOAD_BYTES = 1_000_000
 
@@ -43,7 +45,7 @@ def browser() -> Iterator[playwright_sync.Browser]:
 def page(browser: playwright_sync.Browser, server: LiveServer) -> Iterator[playwright_sync.Page]:
     context = browser.new_context(viewport={"width": 1000, "height": 900})
     opened = context.new_page()
-    opened.set_default_timeout(30_000)
+    opened.set_default_timeout(TIMEOUT_MS)
     opened.goto(server.url + "/")
     playwright_sync.expect(opened.locator("#model")).to_be_enabled()
     yield opened
