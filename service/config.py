@@ -174,6 +174,11 @@ class Settings(BaseSettings):
     log_level: Annotated[
         str, Field(pattern=r"^(debug|info|warning|error)$", description="debug, info, warning or error")
     ] = "info"
+    # Only http(s): the page puts it in a link, where a javascript: URL would run in its origin.
+    grafana_url: Annotated[
+        str | None,
+        Field(pattern=r"^https?://\S+$", description="Grafana's address, linked from the page at /; None: no link"),
+    ] = None
 
     @field_validator("models", mode="before")
     @classmethod
@@ -238,6 +243,7 @@ class Settings(BaseSettings):
             "max_images_per_request": images,
             "decode_workers": self.decode_workers or (max(2, cpus - 1) if on_gpu else cpus),
             "torch_threads": self.torch_threads or (min(4, cpus) if on_gpu else cpus),
+            "grafana_url": self.grafana_url or "",
         }
         given = {name: getattr(self, name) for name in type(self).model_fields if name not in resolved}
         return ServerPlan(**given, **resolved)  # type: ignore[arg-type]
@@ -279,6 +285,7 @@ class ServerPlan:
     dtype: str
     access_log: bool
     log_level: str
+    grafana_url: str  # "": no link
 
     @property
     def max_delay_s(self) -> float:

@@ -68,6 +68,7 @@ def describe(engine: Engine, pipeline: ModelPipeline) -> ModelInfo:
         resize_size=loaded.preprocessing.resize_size,
         device=str(engine.device),
         dtype=engine.plan.dtype,
+        runtime=loaded.runner.runtime,
         num_classes=len(loaded.labels),
         batching=BatchingInfo(
             max_batch_size=batcher.max_batch_size,

@@ -63,6 +63,7 @@ class ModelInfo(BaseModel):
     resize_size: int
     device: str
     dtype: str
+    runtime: str = Field(examples=["torch 2.14.1"], description="what runs the forward, with its version")
     num_classes: int
     batching: BatchingInfo
     weights: WeightsInfo

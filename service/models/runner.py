@@ -124,6 +124,11 @@ class ModelRunner:
             self._copy_stream = torch.cuda.Stream(device=device)  # type: ignore[no-untyped-call]
         self._graphs: dict[int, GraphedForward] = {}
 
+    @property
+    def runtime(self) -> str:
+        """What runs the forward, with its version, for /models (e.g. "torch 2.14.1")."""
+        return f"torch {torch.__version__}"
+
     def use_fallback_executor(self, executor: Executor) -> None:
         """Decode the JPEGs the device rejects on `executor` (the server's decode pool) from now on;
         never the executor that calls `stage`, which waits for these decodes."""

@@ -6,6 +6,7 @@ import threading
 
 import httpx
 import pytest
+import torch
 from fastapi.testclient import TestClient
 
 from service.api.app import create_app
@@ -29,6 +30,7 @@ def test_models_describe_architecture_weights_and_batching(client, weights_dir):
     assert r18["parameters"] == 11_689_512
     assert r18["input_size"] == [3, 224, 224] and r18["resize_size"] == 256
     assert (r18["device"], r18["dtype"], r18["num_classes"]) == ("cpu", "float32", 1000)
+    assert r18["runtime"] == f"torch {torch.__version__}"
     assert r18["weights"]["origin"] == "random-init" and r18["weights"]["seed"] == 0
     assert r18["weights"]["description"] == "random-init seed 0"
     assert len(r18["weights"]["sha256"]) == 64
