@@ -15,20 +15,9 @@ if command -v chromium >/dev/null 2>&1; then
     exit 0
 fi
 
-if ! command -v apt-get >/dev/null 2>&1; then
-    echo "install-chromium: apt-get not found; install Chromium by hand and set RESNET_SERVE_CHROMIUM" >&2
-    exit 1
-fi
-
-SUDO=""
-if [ "$(id -u)" -ne 0 ]; then
-    if command -v sudo >/dev/null 2>&1; then
-        SUDO="sudo"
-    else
-        echo "install-chromium: must run as root (or with sudo available)" >&2
-        exit 1
-    fi
-fi
+# shellcheck source=scripts/apt-common.sh
+. "$(dirname "$0")/apt-common.sh"
+apt_ready install-chromium "install Chromium by hand and set RESNET_SERVE_CHROMIUM"
 
 $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -q
 # --no-install-recommends: the browser and the libraries it links, not desktop extras.

@@ -18,20 +18,9 @@ if have_all; then
     exit 0
 fi
 
-if ! command -v apt-get >/dev/null 2>&1; then
-    echo "install-prometheus: apt-get not found; install Prometheus (prometheus, promtool) by hand" >&2
-    exit 1
-fi
-
-SUDO=""
-if [ "$(id -u)" -ne 0 ]; then
-    if command -v sudo >/dev/null 2>&1; then
-        SUDO="sudo"
-    else
-        echo "install-prometheus: must run as root (or with sudo available)" >&2
-        exit 1
-    fi
-fi
+# shellcheck source=scripts/apt-common.sh
+. "$(dirname "$0")/apt-common.sh"
+apt_ready install-prometheus "install Prometheus (prometheus, promtool) by hand"
 
 # Debian's maintainer scripts start services through invoke-rc.d / deb-systemd-invoke, which obey
 # /usr/sbin/policy-rc.d: exit status 101 means "do not start". Put one in place for the install only,
