@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,15 @@ class GatedForward:
             del self.runner.predict
 
 
+async def until(condition: Callable[[], bool], timeout_s: float = 30.0) -> None:
+    """Poll a condition the app reaches on its own (no event to wait on), failing clearly if it never does."""
+    async with asyncio.timeout(timeout_s):
+        for _ in itertools.count():
+            if condition():
+                return
+            await asyncio.sleep(0.01)
+
+
 def metric(text: str, sample: str) -> float:
     for line in text.splitlines():
         if line.startswith(sample + " "):
@@ -85,10 +95,7 @@ async def test_item1_a_many_image_request_admitted_before_the_drain_is_answered(
         request = asyncio.create_task(served.http.post("/resnet18v1/predict", content=slow_body(), headers=MULTIPART))
         await asyncio.wait_for(first_sent.wait(), 10)
         pipeline = served.engine.pipelines["resnet18v1"]
-        for _ in range(200):  # admitted: its one slot is held while the body streams
-            if pipeline.batcher.depth == 1:
-                break
-            await asyncio.sleep(0.01)
+        await until(lambda: pipeline.batcher.depth == 1)  # admitted: its one slot is held while the body streams
         served.engine.begin_drain()
         rest.set()
         response = await asyncio.wait_for(request, 30)
@@ -121,10 +128,7 @@ async def test_item8_a_request_cancelled_at_shutdown_is_never_computed(serve, ph
             running = asyncio.create_task(served.http.post("/resnet18v1/predict", **upload(photos["kitten.jpg"])))
             await asyncio.wait_for(forward.entered.wait(), 10)
             queued = asyncio.create_task(served.http.post("/resnet18v1/predict", **upload(photos["coffee.jpg"])))
-            for _ in range(200):
-                if pipeline.batcher.queued == 1:  # queued behind the running forward
-                    break
-                await asyncio.sleep(0.01)
+            await until(lambda: pipeline.batcher.queued == 1)  # queued behind the running forward
             queued.cancel()  # what uvicorn does to request tasks left after the grace period
             with pytest.raises(asyncio.CancelledError):
                 await queued
@@ -145,10 +149,7 @@ async def test_item8_shutdown_takes_the_grace_period_once(serve, photos):
             running = asyncio.create_task(served.http.post("/resnet18v1/predict", **upload(photos["kitten.jpg"])))
             await asyncio.wait_for(forward.entered.wait(), 10)
             queued = asyncio.create_task(served.http.post("/resnet18v1/predict", **upload(photos["coffee.jpg"])))
-            for _ in range(200):
-                if pipeline.batcher.queued == 1:
-                    break
-                await asyncio.sleep(0.01)
+            await until(lambda: pipeline.batcher.queued == 1)
             engine.begin_drain()
             engine.drain_deadline = time.monotonic() - 1  # the grace is already spent
             closing = asyncio.create_task(pipeline.batcher.close(timeout_s=engine.drain_time_left_s()))
@@ -241,10 +242,7 @@ async def test_item14_models_loading_after_sigterm_leave_the_server_draining(mak
             app.state.server.begin_drain()  # SIGTERM while loading
             release.set()
             await asyncio.wait_for(loaded.wait(), 60)
-            for _ in range(100):
-                if app.state.server.pipelines:
-                    break
-                await asyncio.sleep(0.01)
+            await until(lambda: bool(app.state.server.pipelines))
             ready = await http.get("/health/ready")
             assert (ready.status_code, ready.json()) == (503, {"status": "draining"})
             assert (await http.get("/ping")).status_code == 503
