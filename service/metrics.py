@@ -25,7 +25,7 @@ from prometheus_client.registry import Collector
 logger = logging.getLogger(__name__)
 
 PREFIX = "resnet_serve"
-ROUTES = ("predict", "predictions")
+ROUTES = ("predict", "predictions", "v2")
 # request_failed: dropped because another image of the same request failed; cancelled: its request
 # was cancelled (the server stopped waiting for it at shutdown).
 REJECT_REASONS = ("queue_full", "deadline", "disconnected", "bad_input", "too_large", "request_failed", "cancelled")
