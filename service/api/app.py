@@ -80,7 +80,8 @@ def create_app(
         title="resnet-serve",
         version=__version__,
         description="Image classification with torchvision ResNets, batched. Errors are "
-        '`{"code": int, "type": str, "message": str}`.',
+        '`{"code": int, "type": str, "message": str}`; under `/v2` (the Open Inference Protocol) '
+        '`{"error": str}`.',
         lifespan=lifespan,
     )
     app.state.server = engine

@@ -91,12 +91,28 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {status: {"model": V2Error} for status in statuses}
 
 
+def _inlined(schema: dict[str, Any]) -> Any:
+    """A model's JSON schema with its `$defs` put in place: a `#/$defs/...` reference would not
+    resolve inside the OpenAPI document."""
+    definitions = schema.pop("$defs", {})
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, dict):
+            named = definitions[node["$ref"].rsplit("/", 1)[1]] if "$ref" in node else {}
+            return {key: resolve(value) for key, value in {**named, **node}.items() if key != "$ref"}
+        if isinstance(node, list):
+            return [resolve(item) for item in node]
+        return node
+
+    return resolve(schema)
+
+
 _INFER_BODY = {
     "requestBody": {
         "required": True,
         "description": f"JSON, or JSON then raw tensors with the `{codec.HEADER_LENGTH}` header (the binary "
         "tensor extension). One input, `images`: BYTES, shape [N], base64 strings in JSON, raw files in binary",
-        "content": {"application/json": {"schema": codec.InferRequest.model_json_schema()}},
+        "content": {"application/json": {"schema": _inlined(codec.InferRequest.model_json_schema())}},
     }
 }
 
