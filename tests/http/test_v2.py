@@ -178,3 +178,15 @@ async def test_metadata_and_readiness(serve):
         assert (await served.http.get("/v2/health/live")).status_code == 200
         draining = await served.http.post(INFER, json=json_request(b"x"))
         assert draining.status_code == 503 and "shutting down" in v2_error(draining)
+
+
+async def test_a_full_queue_is_429_with_retry_after_before_the_body_is_read(serve, photos):
+    async with serve(max_queue_size=2) as served:
+        held = served.engine.pipelines["resnet18v1"].admit(2)
+        response = await served.http.post(INFER, json=json_request(photos["kitten_small.jpg"]))
+        held.release()
+        assert response.status_code == 429 and "queue" in v2_error(response).lower()
+        assert int(response.headers["retry-after"]) >= 1
+        text = (await served.http.get("/metrics")).text
+        assert metric(text, 'resnet_serve_requests_total{code="429",model="resnet18v1",route="v2"}') == 1
+        assert (await served.http.post(INFER, json=json_request(photos["kitten_small.jpg"]))).status_code == 200
