@@ -3,26 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import JSONResponse
-from starlette.requests import ClientDisconnect
+from fastapi.responses import JSONResponse, Response
 
+from service.api.accounting import counted, read_in_time, until_disconnect
 from service.api.schemas import ERROR_RESPONSES, PREDICT_REQUEST_BODY, MMSPrediction, TorchServePrediction
 from service.api.uploads import read_images
 from service.engine import Engine, ModelPipeline
 from service.errors import (
-    ClientDisconnected,
-    DeadlineExceeded,
     InferenceFailed,
     InvalidInput,
-    QueueFull,
-    ServeError,
-    UploadTimeout,
 )
 from service.postprocessing import ClassScore, top_k
 
@@ -54,7 +47,7 @@ def _torchserve(results: list[list[ClassScore]]) -> Any:
     responses=ERROR_RESPONSES,
     openapi_extra=PREDICT_REQUEST_BODY,
 )
-async def predict_mms(model: str, request: Request, topk: TopK = None) -> JSONResponse:
+async def predict_mms(model: str, request: Request, topk: TopK = None) -> Response:
     return await _handle(request, model, topk, route="predict", formatter=_mms_v04)
 
 
@@ -65,41 +58,16 @@ async def predict_mms(model: str, request: Request, topk: TopK = None) -> JSONRe
     responses=ERROR_RESPONSES,
     openapi_extra=PREDICT_REQUEST_BODY,
 )
-async def predict_torchserve(model: str, request: Request, topk: TopK = None) -> JSONResponse:
+async def predict_torchserve(model: str, request: Request, topk: TopK = None) -> Response:
     return await _handle(request, model, topk, route="predictions", formatter=_torchserve)
 
 
-async def _handle(request: Request, model: str, topk: int | None, *, route: str, formatter: Formatter) -> JSONResponse:
-    engine: Engine = request.app.state.server
-    metrics = engine.metrics
-    arrived = time.perf_counter()
-    model_label = engine.metric_label(model)
-    code = 500
-    metrics.inflight.inc()
-    try:
-        engine.ensure_accepting()
-        pipeline = engine.lookup(model)
-        results = await _classify(request, engine, pipeline, topk)
-        response = _render(formatter(results))
-        code = 200
-        return response
-    except ServeError as exc:
-        code = exc.status
-        if not getattr(request.state, "body_read", False):
-            await _linger(request, engine.plan.max_upload_bytes)
-        # Admission counts its own refusals (queue full) and the batcher its drops (deadline).
-        counted_by_engine = isinstance(exc, QueueFull | DeadlineExceeded)
-        if exc.reject_reason is not None and not counted_by_engine and model_label != "unknown":
-            metrics.rejected.labels(model_label, exc.reject_reason).inc()
-        raise
-    except ClientDisconnected:
-        code = 499  # nginx's "client closed request": nobody reads this response
-        raise
-    finally:
-        metrics.inflight.dec()
-        metrics.requests.labels(model_label, route, str(code)).inc()
-        if model_label != "unknown":
-            metrics.request_duration.labels(model_label, route).observe(time.perf_counter() - arrived)
+async def _handle(request: Request, model: str, topk: int | None, *, route: str, formatter: Formatter) -> Response:
+    async def work(engine: Engine) -> Response:
+        results = await _classify(request, engine, engine.lookup(model), topk)
+        return _render(formatter(results))
+
+    return await counted(request, model, route, work)
 
 
 def count_refused_request(request: Request, status: int) -> None:
@@ -137,53 +105,16 @@ async def _classify(
         raise InvalidInput(f"topk must be between 1 and {len(labels)} for {pipeline.name}, got {topk}")
     loop = asyncio.get_running_loop()
     deadline = loop.time() + plan.request_timeout_s
-    upload_deadline = min(deadline, loop.time() + plan.upload_timeout_s)
     with pipeline.admit(1) as reservation:
-        request.state.body_read = True
-        try:
-            # A stalled upload must not hold its queue slot: the body gets a deadline of its own.
-            async with asyncio.timeout_at(upload_deadline):
-                uploads = await read_images(
-                    request.headers.get("content-type", ""),
-                    request.headers.get("content-length"),
-                    request.stream(),
-                    request.app.state.upload_limits,
-                )
-        except TimeoutError:
-            raise UploadTimeout(
-                f"the upload did not arrive within {min(plan.upload_timeout_s, plan.request_timeout_s):g} s"
-            ) from None
-        except ClientDisconnect:
-            engine.metrics.rejected.labels(pipeline.name, "disconnected").inc()
-            raise ClientDisconnected() from None
+        read = read_images(
+            request.headers.get("content-type", ""),
+            request.headers.get("content-length"),
+            request.stream(),
+            request.app.state.upload_limits,
+        )
+        uploads = await read_in_time(request, engine, pipeline.name, read, deadline=deadline)
         await reservation.grow_to(len(uploads), deadline=deadline)
         images = await pipeline.prepare(uploads)
         tickets = pipeline.submit(reservation, images, deadline=deadline)
-    probabilities = await pipeline.results(tickets, deadline=deadline, client_gone=_until_disconnect(request.receive))
+    probabilities = await pipeline.results(tickets, deadline=deadline, client_gone=until_disconnect(request.receive))
     return [top_k(p, labels, topk) for p in probabilities]
-
-
-async def _linger(request: Request, max_bytes: int, timeout_s: float = 1.0) -> None:
-    """Read and drop the body before an early refusal on a connection that will close.
-
-    Closing a socket that still holds unread request bytes makes the kernel send a reset, which can
-    destroy the 429 or 503 before the client reads it; a client that sees a reset retries at once
-    instead of honouring Retry-After. Keep-alive connections need nothing: uvicorn discards the rest
-    of the body itself. A client that sent `Expect: 100-continue` has not sent its body and waits
-    to be asked: reading would ask it for bytes only to drop them. Bounded in bytes and time, so it
-    cannot become a way to hold the server.
-    """
-    closing = request.headers.get("connection", "").lower() == "close" or request.scope.get("http_version") == "1.0"
-    declared = request.headers.get("content-length", "")
-    expects_continue = request.headers.get("expect", "").lower() == "100-continue"
-    if not closing or expects_continue or not declared.isdigit() or int(declared) > max_bytes:
-        return
-    with contextlib.suppress(TimeoutError, ClientDisconnect):
-        async with asyncio.timeout(timeout_s):
-            async for _ in request.stream():
-                pass
-
-
-async def _until_disconnect(receive: Callable[[], Awaitable[MutableMapping[str, Any]]]) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass

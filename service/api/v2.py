@@ -8,27 +8,22 @@ The body formats are in `v2_codec`.
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import Any
 
 import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
-from starlette.requests import ClientDisconnect
 
 from service import __version__
 from service.api import v2_codec as codec
-from service.api.predict import _linger, _until_disconnect
+from service.api.accounting import counted, read_in_time, until_disconnect
 from service.api.uploads import UploadLimits
 from service.engine import Engine, ModelPipeline, Phase
 from service.errors import (
-    ClientDisconnected,
-    DeadlineExceeded,
     InvalidInput,
     ModelNotFound,
     PayloadTooLarge,
-    QueueFull,
     ServeError,
     UploadTimeout,
 )
@@ -205,34 +200,10 @@ async def model_ready(model: str, request: Request, version: str | None = None) 
     summary="Classify images",
 )
 async def infer(model: str, request: Request, version: str | None = None) -> Response:
-    engine = _engine(request)
-    metrics = engine.metrics
-    arrived = time.perf_counter()
-    model_label = engine.metric_label(model)
-    code = 500
-    metrics.inflight.inc()
-    try:
-        engine.ensure_accepting()
-        response = await _infer(request, engine, _pipeline(engine, model, version))
-        code = 200
-        return response
-    except ServeError as exc:
-        code = exc.status
-        if not getattr(request.state, "body_read", False):
-            await _linger(request, engine.plan.max_upload_bytes)
-        # Admission counts its own refusals (queue full) and the batcher its drops (deadline).
-        counted_by_engine = isinstance(exc, QueueFull | DeadlineExceeded)
-        if exc.reject_reason is not None and not counted_by_engine and model_label != "unknown":
-            metrics.rejected.labels(model_label, exc.reject_reason).inc()
-        return error_response(exc)
-    except ClientDisconnected:
-        code = 499  # nobody reads this response
-        raise
-    finally:
-        metrics.inflight.dec()
-        metrics.requests.labels(model_label, "v2", str(code)).inc()
-        if model_label != "unknown":
-            metrics.request_duration.labels(model_label, "v2").observe(time.perf_counter() - arrived)
+    async def work(engine: Engine) -> Response:
+        return await _infer(request, engine, _pipeline(engine, model, version))
+
+    return await counted(request, model, "v2", work, render_error=error_response)
 
 
 async def _infer(request: Request, engine: Engine, pipeline: ModelPipeline) -> Response:
@@ -240,26 +211,16 @@ async def _infer(request: Request, engine: Engine, pipeline: ModelPipeline) -> R
     limits: UploadLimits = request.app.state.upload_limits
     loop = asyncio.get_running_loop()
     deadline = loop.time() + plan.request_timeout_s
-    upload_deadline = min(deadline, loop.time() + plan.upload_timeout_s)
     with pipeline.admit(1) as reservation:
-        request.state.body_read = True
-        try:
-            # A stalled upload must not hold its queue slot: the body gets a deadline of its own.
-            async with asyncio.timeout_at(upload_deadline):
-                body = await _read_body(request, limits.max_bytes)
-        except TimeoutError:
-            raise UploadTimeout(
-                f"the upload did not arrive within {min(plan.upload_timeout_s, plan.request_timeout_s):g} s"
-            ) from None
-        except ClientDisconnect:
-            engine.metrics.rejected.labels(pipeline.name, "disconnected").inc()
-            raise ClientDisconnected() from None
+        body = await read_in_time(
+            request, engine, pipeline.name, _read_body(request, limits.max_bytes), deadline=deadline
+        )
         header, binary = codec.split_body(body, request.headers.get(codec.HEADER_LENGTH))
         decoded = codec.decode_request(header, binary, num_classes=len(pipeline.labels), max_images=limits.max_images)
         await reservation.grow_to(len(decoded.images), deadline=deadline)
         images = await pipeline.prepare(decoded.images)
         tickets = pipeline.submit(reservation, images, deadline=deadline)
-    results = await pipeline.results(tickets, deadline=deadline, client_gone=_until_disconnect(request.receive))
+    results = await pipeline.results(tickets, deadline=deadline, client_gone=until_disconnect(request.receive))
     probabilities = np.stack([p.numpy() for p in results]).astype(np.float32, copy=False)
     content, header_length = codec.encode_response(pipeline.name, VERSION, decoded, probabilities, pipeline.labels)
     if header_length is None:

@@ -45,7 +45,7 @@ def test_overload_is_refused_fast_and_accepted_work_completes(weights, tmp_path,
     for status, seconds in results:
         by_status.setdefault(status, []).append(seconds)
     ok, refused = by_status.get(200, []), by_status.get(429, [])
-    # 0 would be a reset: a refusal the client never got to read (see predict._linger).
+    # 0 would be a reset: a refusal the client never got to read (see accounting.linger).
     assert set(by_status) <= {200, 429}, {k: len(v) for k, v in by_status.items()}
     assert len(refused) > len(ok), "the burst was meant to be far beyond capacity"
     assert ok, "accepted requests must still complete"
