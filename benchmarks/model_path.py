@@ -77,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             bare_model(bare_input)
 
     plan = ExecutionPlan(buckets=power_of_two_buckets(batch_size), cuda_graphs=on_cuda) if on_cuda else ExecutionPlan()
-    runner = ModelRunner(model, spec, device=device, dtype=dtype, plan=plan)
+    runner = ModelRunner.with_torch(model, spec, device=device, dtype=dtype, plan=plan)
     runner.warm_up([1, batch_size])
 
     def path() -> None:

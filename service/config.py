@@ -7,8 +7,7 @@ their help are generated from its fields (see service/cli.py). `Settings.resolve
 
 from __future__ import annotations
 
-import dataclasses
-from enum import StrEnum
+import importlib.util
 from pathlib import Path
 from typing import Annotated
 
@@ -16,18 +15,19 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from service import cores
+from service.plan import (
+    MissingWeightsPolicy,
+    Quantization,
+    RuntimeChoice,
+    ServerPlan,
+    default_onnx_cache_dir,
+    power_of_two_buckets,
+)
+
+__all__ = ["MissingWeightsPolicy", "Quantization", "RuntimeChoice", "ServerPlan", "Settings", "power_of_two_buckets"]
 
 DEFAULT_MODELS = ("resnet18v1",)
 DEFAULT_MAX_IMAGES_PER_REQUEST = 64
-
-
-class MissingWeightsPolicy(StrEnum):
-    """What `serve` does when a model's weights file is absent."""
-
-    FAIL = "fail"
-    FETCH = "fetch"
-    RANDOM = "random"
-    FETCH_OR_RANDOM = "fetch-or-random"
 
 
 class Settings(BaseSettings):
@@ -59,6 +59,32 @@ class Settings(BaseSettings):
     device: Annotated[
         str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto (CUDA when available), cpu, cuda or cuda:N")
     ] = "auto"
+
+    runtime: Annotated[
+        RuntimeChoice,
+        Field(
+            description="what computes the forward: torch, onnxruntime, or auto (onnxruntime on CPU, where it is "
+            "1.4-1.9x faster; torch with CUDA graphs on GPU)"
+        ),
+    ] = RuntimeChoice.AUTO
+    onnx_cache_dir: Annotated[
+        Path | None,
+        Field(
+            description="where the ONNX files exported from the weights are kept between starts (onnxruntime); "
+            "None: $XDG_CACHE_HOME/resnet-serve/onnx, else ~/.cache/resnet-serve/onnx"
+        ),
+    ] = None
+    quantize: Annotated[
+        Quantization,
+        Field(
+            description="int8: ONNX Runtime static quantisation, calibrated on --calibration-images (onnxruntime "
+            "only; faster, less accurate: see the README); off: float32"
+        ),
+    ] = Quantization.OFF
+    calibration_images: Annotated[
+        Path | None,
+        Field(description="a directory of photos (JPEG/PNG) like the ones served, to calibrate --quantize int8 on"),
+    ] = None
 
     max_batch_size: Annotated[
         int | None, Field(ge=1, le=1024, description="images per forward at most; None: 8 on CPU, 64 on GPU")
@@ -161,7 +187,8 @@ class Settings(BaseSettings):
         Field(
             ge=1,
             le=1024,
-            description="intra-op threads of the forward; None: the usable CPUs (GPU: 4 at most), per worker",
+            description="intra-op threads of the forward (torch or onnxruntime); None: the usable CPUs "
+            "(GPU: 4 at most), per worker",
         ),
     ] = None
     channels_last: Annotated[bool, Field(description="channels_last memory format for the forward")] = True
@@ -221,7 +248,9 @@ class Settings(BaseSettings):
                 f"--batch-buckets: the largest batch bucket ({buckets[-1]}) is below the max batch size ({batch}); "
                 "add a bucket of at least --max-batch-size, or lower --max-batch-size"
             )
-        cuda_graphs = self.cuda_graphs if self.cuda_graphs is not None else on_gpu and bool(buckets)
+        runtime = self._resolve_runtime(on_gpu=on_gpu)
+        torch_runs = runtime is RuntimeChoice.TORCH
+        cuda_graphs = self.cuda_graphs if self.cuda_graphs is not None else on_gpu and bool(buckets) and torch_runs
         if cuda_graphs and not (on_gpu and buckets):
             raise ValueError("--cuda-graphs: CUDA graphs need a CUDA device and batch buckets; use --no-cuda-graphs")
         # A request is admitted whole or not at all, so the queue must hold the largest one: each
@@ -234,6 +263,8 @@ class Settings(BaseSettings):
                 "that big could never be admitted; raise --max-queue-size or lower --max-images-per-request"
             )
         resolved: dict[str, object] = {
+            "runtime": runtime,
+            "onnx_cache_dir": self.onnx_cache_dir or default_onnx_cache_dir(),
             "max_batch_size": batch,
             "max_delay_ms": self.max_delay_ms if self.max_delay_ms is not None else (5.0 if on_gpu else 2.0),
             "batch_buckets": buckets,
@@ -248,55 +279,27 @@ class Settings(BaseSettings):
         given = {name: getattr(self, name) for name in type(self).model_fields if name not in resolved}
         return ServerPlan(**given, **resolved)  # type: ignore[arg-type]
 
-
-@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
-class ServerPlan:
-    """The settings the server runs with: the same names as `Settings`, nothing left to choose."""
-
-    models: tuple[str, ...]
-    weights_dir: Path
-    missing_weights: MissingWeightsPolicy
-    random_seed: int
-    weights_base_url: str
-    host: str
-    port: int
-    workers: int
-    device: str
-    max_batch_size: int
-    batch_buckets: tuple[int, ...]
-    cuda_graphs: bool
-    compile: bool
-    decode_on_device: bool
-    max_batches_in_flight: int
-    max_delay_ms: float
-    max_queue_size: int
-    request_timeout_s: float
-    upload_timeout_s: float
-    head_timeout_s: float
-    max_connections: int
-    max_upload_bytes: int
-    max_header_bytes: int
-    max_image_pixels: int
-    max_images_per_request: int
-    shutdown_grace_s: float
-    decode_workers: int
-    torch_threads: int
-    channels_last: bool
-    dtype: str
-    access_log: bool
-    log_level: str
-    grafana_url: str  # "": no link
-
-    @property
-    def max_delay_s(self) -> float:
-        return self.max_delay_ms / 1000.0
-
-
-def power_of_two_buckets(max_batch_size: int) -> tuple[int, ...]:
-    """1, 2, 4, ... and `max_batch_size` itself: at most 2x padding, about log2(n) shapes to warm."""
-    sizes = {max_batch_size}
-    size = 1
-    while size < max_batch_size:
-        sizes.add(size)
-        size *= 2
-    return tuple(sorted(sizes))
+    def _resolve_runtime(self, *, on_gpu: bool) -> RuntimeChoice:
+        runtime = self.runtime
+        torch_only = [
+            (self.compile, "--compile"),
+            (self.cuda_graphs is True, "--cuda-graphs"),
+            (self.dtype != "float32", f"--dtype {self.dtype}"),
+        ]
+        if runtime is RuntimeChoice.AUTO:
+            # On a GPU, torch's CUDA graphs win; on a CPU, onnxruntime, when it is installed (it is a
+            # dependency: only a trimmed install lacks it). A torch-only flag asks for torch.
+            onnx = not on_gpu and importlib.util.find_spec("onnxruntime") is not None
+            wants_torch = any(given for given, _ in torch_only) and self.quantize is Quantization.OFF
+            runtime = RuntimeChoice.ONNXRUNTIME if onnx and not wants_torch else RuntimeChoice.TORCH
+        if runtime is RuntimeChoice.ONNXRUNTIME:
+            for given, flag in torch_only:
+                if given:
+                    raise ValueError(f"{flag} is for --runtime torch, and the runtime is onnxruntime; drop {flag} "
+                                     "or add --runtime torch")  # fmt: skip
+        if self.quantize is Quantization.INT8:
+            if runtime is not RuntimeChoice.ONNXRUNTIME:
+                raise ValueError("--quantize int8 needs --runtime onnxruntime (ONNX Runtime's quantisation)")
+            if self.calibration_images is None:
+                raise ValueError("--quantize int8 needs --calibration-images DIR: photos like the ones served")
+        return runtime

@@ -100,7 +100,8 @@ class Metrics:
         )  # fmt: skip
         self.model_info = Gauge(
             f"{PREFIX}_model_info", "Loaded models (value is always 1)",
-            ["model", "arch", "device", "dtype", "weights"], registry=registry, multiprocess_mode="livemax",
+            ["model", "arch", "device", "dtype", "weights", "runtime"], registry=registry,
+            multiprocess_mode="livemax",
         )  # fmt: skip
         self.ready = Gauge(
             f"{PREFIX}_ready", "1 when every model is loaded and warm", registry=registry, multiprocess_mode="livemin"

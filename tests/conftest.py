@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import io
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +42,20 @@ def photos() -> dict[str, bytes]:
         "astronaut.jpg": jpeg_bytes(skimage.data.astronaut()),
         "rocket.jpg": jpeg_bytes(skimage.data.rocket()),
     }
+
+
+@pytest.fixture(scope="session", autouse=True)
+def onnx_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Every server the tests start (in-process or not) keeps its ONNX exports here, not in ~/.cache:
+    shared by the session, so each set of weights is exported once."""
+    directory = tmp_path_factory.mktemp("onnx-cache")
+    previous = os.environ.get("RESNET_SERVE_ONNX_CACHE_DIR")
+    os.environ["RESNET_SERVE_ONNX_CACHE_DIR"] = str(directory)
+    yield directory
+    if previous is None:
+        del os.environ["RESNET_SERVE_ONNX_CACHE_DIR"]
+    else:
+        os.environ["RESNET_SERVE_ONNX_CACHE_DIR"] = previous
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,15 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from service.api.schemas import ERROR_RESPONSES, BatchingInfo, HealthStatus, ModelInfo, ModelList, WeightsInfo
+from service.api.schemas import (
+    ERROR_RESPONSES,
+    BatchingInfo,
+    HealthStatus,
+    ModelInfo,
+    ModelList,
+    RuntimeDetails,
+    WeightsInfo,
+)
 from service.engine import Engine, ModelPipeline, Phase
 
 router = APIRouter()
@@ -59,6 +67,7 @@ def describe(engine: Engine, pipeline: ModelPipeline) -> ModelInfo:
     loaded, batcher = pipeline.loaded, pipeline.batcher
     crop = loaded.preprocessing.crop_size
     weights = loaded.weights
+    runtime = loaded.runner.runtime.info
     return ModelInfo(
         name=loaded.name,
         aliases=list(loaded.spec.aliases),
@@ -68,7 +77,15 @@ def describe(engine: Engine, pipeline: ModelPipeline) -> ModelInfo:
         resize_size=loaded.preprocessing.resize_size,
         device=str(engine.device),
         dtype=engine.plan.dtype,
-        runtime=loaded.runner.runtime,
+        runtime=str(runtime),
+        runtime_details=RuntimeDetails(
+            name=runtime.name,
+            version=runtime.version,
+            file=str(runtime.file) if runtime.file is not None else None,
+            file_sha256=runtime.file_sha256,
+            providers=list(runtime.providers),
+            quantization=runtime.quantization,
+        ),
         num_classes=len(loaded.labels),
         batching=BatchingInfo(
             max_batch_size=batcher.max_batch_size,

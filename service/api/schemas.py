@@ -54,6 +54,17 @@ class WeightsInfo(BaseModel):
     seed: int | None = None
 
 
+class RuntimeDetails(BaseModel):
+    name: str = Field(examples=["onnxruntime"], description="torch or onnxruntime")
+    version: str = Field(examples=["1.32.0"])
+    file: str | None = Field(
+        description="the model file the runtime executes (the ONNX export of the weights); none for torch"
+    )
+    file_sha256: str | None = None
+    providers: list[str] = Field(description="onnxruntime's execution providers, in order of preference")
+    quantization: str = Field(examples=["none"], description="none, or how the model was quantised")
+
+
 class ModelInfo(BaseModel):
     name: str
     aliases: list[str]
@@ -63,7 +74,8 @@ class ModelInfo(BaseModel):
     resize_size: int
     device: str
     dtype: str
-    runtime: str = Field(examples=["torch 2.14.1"], description="what runs the forward, with its version")
+    runtime: str = Field(examples=["onnxruntime 1.32.0"], description="what runs the forward, with its version")
+    runtime_details: RuntimeDetails
     num_classes: int
     batching: BatchingInfo
     weights: WeightsInfo

@@ -64,7 +64,12 @@ class Engine:
         )
         self.metrics.init_model(loaded.name, queue_capacity=self.plan.max_queue_size)
         self.metrics.model_info.labels(
-            loaded.name, loaded.spec.arch, str(self.device), self.plan.dtype, loaded.weights.describe()
+            loaded.name,
+            loaded.spec.arch,
+            str(self.device),
+            self.plan.dtype,
+            loaded.weights.describe(),
+            str(loaded.runner.runtime.info),
         ).set(1)
         self.pipelines[loaded.name] = pipeline
         if self.phase is Phase.DRAINING:

@@ -17,13 +17,17 @@ from typing import Protocol
 
 import torch
 from PIL import Image
+from torch import nn
 
-from service.config import MissingWeightsPolicy, ServerPlan
+from service.config import MissingWeightsPolicy, RuntimeChoice, ServerPlan
 from service.errors import StartupError
 from service.imaging import EncodedJpeg, Preprocessing, inspect_jpeg, preprocess
 from service.models.catalog import ModelSpec, find_spec, known_names
 from service.models.labels import labels_for
-from service.models.runner import DTYPES, ExecutionPlan, ModelRunner
+from service.models.onnx_loading import onnx_runtime
+from service.models.runner import ExecutionPlan, ModelRunner
+from service.models.runtimes import Runtime
+from service.models.torch_runtime import DTYPES, TorchRuntime
 from service.models.weights import (
     Origin,
     VerifiedWeights,
@@ -129,24 +133,38 @@ def load_model(
     *,
     expected_sha256: str | None = None,
 ) -> LoadedModel:
-    """Build the model from the file's bytes, read once; with `expected_sha256`, only from those bytes."""
-    checkpoint = load_checkpoint(weights, expected_sha256=expected_sha256)
-    module = instantiate(spec, checkpoint.state_dict, weights.path)
-    sha256 = checkpoint.sha256
-    del checkpoint  # the module holds copies now: free the parsed tensors before the runner is built
+    """Build the model's runtime from the file's bytes; with `expected_sha256`, only from those bytes."""
     preprocessing = weights.official.preprocessing if weights.official else Preprocessing()
+    runtime: Runtime
+    if settings.runtime is RuntimeChoice.ONNXRUNTIME:
+        sha256 = expected_sha256 or verify(weights)
+        build = functools.partial(_torch_module, spec, weights, sha256)
+        runtime = onnx_runtime(spec.name, sha256, build, settings, device, preprocessing)
+    else:
+        checkpoint = load_checkpoint(weights, expected_sha256=expected_sha256)
+        module = instantiate(spec, checkpoint.state_dict, weights.path)
+        sha256 = checkpoint.sha256
+        del checkpoint  # the module holds copies now: free the parsed tensors before the runtime is built
+        runtime = TorchRuntime(
+            module,
+            preprocessing,
+            device=device,
+            dtype=DTYPES[settings.dtype],
+            channels_last=settings.channels_last,
+            cuda_graphs=settings.cuda_graphs,
+            compile=settings.compile,
+        )
     runner = ModelRunner(
-        module,
+        runtime,
         preprocessing,
         device=device,
-        dtype=DTYPES[settings.dtype],
-        channels_last=settings.channels_last,
         plan=ExecutionPlan(buckets=settings.batch_buckets, cuda_graphs=settings.cuda_graphs, compile=settings.compile),
         host_preprocess=functools.partial(preprocess, spec=preprocessing, max_pixels=settings.max_image_pixels),
     )
     labels = labels_for(spec.name, weights.path, runner.num_classes)
     if weights.origin is Origin.RANDOM_INIT:
         _random_init_banner(spec.name, weights.path, weights.seed)
+    logger.info("%s runs on %s (%s)", spec.name, runtime.info, device)
     return LoadedModel(
         spec=spec,
         runner=runner,
@@ -154,8 +172,14 @@ def load_model(
         preprocessing=preprocessing,
         weights=weights,
         sha256=sha256,
-        num_parameters=sum(p.numel() for p in module.parameters()),
+        num_parameters=runtime.num_parameters,
     )
+
+
+def _torch_module(spec: ModelSpec, weights: WeightsFile, sha256: str) -> nn.Module:
+    """The torch model, from bytes that hash to `sha256` (what the export is keyed by)."""
+    checkpoint = load_checkpoint(weights, expected_sha256=sha256)
+    return instantiate(spec, checkpoint.state_dict, weights.path)
 
 
 def load_all(

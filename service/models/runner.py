@@ -2,8 +2,9 @@
 
 A batch goes through two steps, so that on a GPU they can overlap across batches:
 `stage` stacks the images into (pinned) host memory and starts their copy to the device on a copy
-stream; `run` computes on the compute stream once that copy is done and brings the probabilities back.
-While batch N computes, batch N+1 is staged: its host-to-device copy hides behind N's kernels.
+stream; `run` has the runtime (torch or ONNX Runtime, see runtimes.py) compute once that copy is
+done and brings the probabilities back. While batch N computes, batch N+1 is staged: its
+host-to-device copy hides behind N's kernels.
 """
 
 from __future__ import annotations
@@ -17,14 +18,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from service.errors import InsufficientStorage, InvalidInput, ServeError
+from service.errors import InvalidInput, ServeError
 from service.imaging import EncodedJpeg, ModelInput, Preprocessing
-from service.models.cuda_graphs import GraphedForward
 from service.models.device_decode import decode_batch
+from service.models.runtimes import Runtime
+from service.models.torch_runtime import DTYPES, TorchRuntime
+
+__all__ = ["DTYPES", "ExecutionPlan", "ModelRunner", "Output", "StagedBatch", "pick_device"]
 
 logger = logging.getLogger(__name__)
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def pick_device(requested: str) -> torch.device:
@@ -77,17 +79,15 @@ Output = torch.Tensor | ServeError
 
 
 class ModelRunner:
-    """Holds a model on its device. `stage` and `run` may be called from two different threads, but
-    each from one thread at a time."""
+    """Holds a model's runtime on its device. `stage` and `run` may be called from two different
+    threads, but each from one thread at a time."""
 
     def __init__(
         self,
-        model: nn.Module,
+        runtime: Runtime,
         preprocessing: Preprocessing,
         *,
         device: torch.device,
-        dtype: torch.dtype = torch.float32,
-        channels_last: bool = True,
         plan: ExecutionPlan | None = None,
         host_preprocess: Callable[[bytes], torch.Tensor] | None = None,
         fallback_executor: Executor | None = None,
@@ -96,9 +96,8 @@ class ModelRunner:
         it such an image fails alone. `fallback_executor` runs those host decodes side by side (the
         server's decode pool); without it they run one after another on the thread that stages.
         It must not be the executor that calls `stage`, which waits for them."""
+        self.runtime = runtime
         self.device = device
-        self.dtype = dtype
-        self.channels_last = channels_last
         self.plan = plan or ExecutionPlan()
         self.preprocessing = preprocessing
         self.crop_size = preprocessing.crop_size
@@ -110,24 +109,42 @@ class ModelRunner:
         if self._on_cuda and self.plan.buckets:
             # A few fixed shapes, each warmed before serving: cuDNN can afford to time its algorithms.
             torch.backends.cudnn.benchmark = True
-        memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.model = model.eval().to(device).to(memory_format=memory_format)
-        self._compute: Callable[[torch.Tensor], torch.Tensor] = self.model
-        if self.plan.compile:
-            # Static shapes: buckets give a handful of sizes, each compiled once during warm-up.
-            self._compute = torch.compile(self.model, dynamic=False)
-        # Normalising on the device keeps the host-to-device copy at one byte a sample.
-        self._mean = torch.tensor(preprocessing.mean, device=device).view(1, 3, 1, 1)
-        self._std = torch.tensor(preprocessing.std, device=device).view(1, 3, 1, 1)
         self._copy_stream: torch.cuda.Stream | None = None
         if self._on_cuda:
             self._copy_stream = torch.cuda.Stream(device=device)  # type: ignore[no-untyped-call]
-        self._graphs: dict[int, GraphedForward] = {}
 
-    @property
-    def runtime(self) -> str:
-        """What runs the forward, with its version, for /models (e.g. "torch 2.14.1")."""
-        return f"torch {torch.__version__}"
+    @classmethod
+    def with_torch(
+        cls,
+        model: nn.Module,
+        preprocessing: Preprocessing,
+        *,
+        device: torch.device,
+        dtype: torch.dtype = torch.float32,
+        channels_last: bool = True,
+        plan: ExecutionPlan | None = None,
+        host_preprocess: Callable[[bytes], torch.Tensor] | None = None,
+        fallback_executor: Executor | None = None,
+    ) -> ModelRunner:
+        """A runner whose forward is `model` in torch (eager, compiled, or CUDA-graphed per `plan`)."""
+        plan = plan or ExecutionPlan()
+        runtime = TorchRuntime(
+            model,
+            preprocessing,
+            device=device,
+            dtype=dtype,
+            channels_last=channels_last,
+            cuda_graphs=plan.cuda_graphs,
+            compile=plan.compile,
+        )
+        return cls(
+            runtime,
+            preprocessing,
+            device=device,
+            plan=plan,
+            host_preprocess=host_preprocess,
+            fallback_executor=fallback_executor,
+        )
 
     def use_fallback_executor(self, executor: Executor) -> None:
         """Decode the JPEGs the device rejects on `executor` (the server's decode pool) from now on;
@@ -136,9 +153,7 @@ class ModelRunner:
 
     @property
     def num_classes(self) -> int:
-        fc = getattr(self.model, "fc", None)
-        assert isinstance(fc, nn.Linear)
-        return fc.out_features
+        return self.runtime.num_classes
 
     def predict(self, images: Sequence[ModelInput]) -> list[Output]:
         """Probabilities (float32, on the CPU) for each image, in order: a (3, H, W) uint8 tensor, or
@@ -215,21 +230,23 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, staged: StagedBatch) -> list[Output]:
+        batch = self._ready(staged)
+        probabilities = self.runtime.probabilities(batch)
+        # .cpu() waits for the device, so the caller's timing includes the whole forward.
+        outputs: list[Output] = list(probabilities[: staged.count].cpu().unbind(0))
+        for index, error in staged.failures.items():
+            outputs[index] = error
+        return outputs
+
+    def _ready(self, staged: StagedBatch) -> torch.Tensor:
+        """The staged images, once their copy to the device is done (as seen from the compute stream)."""
         batch = staged.images
         if staged.copied is not None:
             compute_stream = torch.cuda.current_stream(self.device)
             compute_stream.wait_event(staged.copied)
             # The tensor was allocated on the copy stream; tell the allocator it is used here too.
             batch.record_stream(compute_stream)
-        try:
-            probabilities = self._probabilities(batch)
-        except torch.cuda.OutOfMemoryError:
-            probabilities = self._forward_split(batch)
-        # .cpu() waits for the device, so the caller's timing includes the whole forward.
-        outputs: list[Output] = list(probabilities[: staged.count].cpu().unbind(0))
-        for index, error in staged.failures.items():
-            outputs[index] = error
-        return outputs
+        return batch
 
     def warm_up(self, batch_sizes: Sequence[int], *, jpeg: EncodedJpeg | None = None) -> None:
         """Run (and with CUDA graphs, capture) every bucket once, so no request pays for it; with a
@@ -237,51 +254,6 @@ class ModelRunner:
         sizes = set(self.plan.buckets) or set(batch_sizes)
         for size in sorted(sizes, reverse=True):  # the largest first: the memory peak shows at once
             blank = torch.zeros(3, self.crop_size, self.crop_size, dtype=torch.uint8)
-            staged = self.stage([blank] * size)
-            if self.plan.cuda_graphs:
-                self._capture(staged)
-            self.run(staged)
+            self.runtime.warm(self._ready(self.stage([blank] * size)))
         if jpeg is not None:
             self.predict([jpeg])
-
-    def _capture(self, staged: StagedBatch) -> None:
-        size = staged.images.shape[0]
-        if staged.copied is not None:
-            torch.cuda.current_stream(self.device).wait_event(staged.copied)
-        with torch.inference_mode():
-            self._graphs[size] = GraphedForward(self._forward, staged.images)
-        logger.debug("captured a CUDA graph for batch size %d", size)
-
-    def _probabilities(self, batch: torch.Tensor) -> torch.Tensor:
-        graph = self._graphs.get(batch.shape[0])
-        return graph(batch) if graph is not None else self._forward(batch)
-
-    def _forward_split(self, batch: torch.Tensor) -> torch.Tensor:
-        """On CUDA out-of-memory, retry in halves; a single image that still fails is a 507."""
-        torch.cuda.empty_cache()
-        if batch.shape[0] == 1:
-            raise InsufficientStorage("the GPU is out of memory even for a single image")
-        logger.warning("CUDA out of memory on a batch of %d; retrying in halves", batch.shape[0])
-        halves = torch.split(batch, (batch.shape[0] + 1) // 2)
-        parts = []
-        for half in halves:
-            try:
-                parts.append(self._forward(half))
-            except torch.cuda.OutOfMemoryError:
-                parts.append(self._forward_split(half))
-        return torch.cat(parts)
-
-    def _forward(self, batch: torch.Tensor) -> torch.Tensor:
-        x = batch.to(torch.float32).div_(255)
-        x.sub_(self._mean).div_(self._std)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        # No autocast weight cache: a CUDA graph must not capture casts that live outside it.
-        autocast = (
-            torch.autocast(device_type=self.device.type, dtype=self.dtype, cache_enabled=False)
-            if self.dtype != torch.float32
-            else contextlib.nullcontext()
-        )
-        with autocast:
-            logits = self._compute(x)
-        return torch.softmax(logits.float(), dim=1)

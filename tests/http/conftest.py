@@ -32,6 +32,8 @@ def cached_loader(settings: ServerPlan, device: torch.device) -> dict[str, Loade
         settings.batch_buckets,
         settings.cuda_graphs,
         settings.compile,
+        settings.runtime,
+        settings.quantize,
     )
     if key not in _loaded:
         _loaded[key] = load_all(settings, device)
@@ -53,6 +55,18 @@ def client(make_settings) -> Iterator[TestClient]:
     """One app serving resnet18v1 and resnet50v1 for the read-only route tests."""
     app = create_app(make_settings(models=("resnet18v1", "resnet50v1")), load_models=cached_loader)
     with TestClient(app) as test_client:
+        yield test_client
+
+
+# Every runtime the server offers on a CPU: the correctness tests run for each.
+CPU_RUNTIMES = ("torch", "onnxruntime")
+
+
+@pytest.fixture(scope="session", params=CPU_RUNTIMES)
+def runtime_client(request: pytest.FixtureRequest, make_settings) -> Iterator[TestClient]:
+    """Like `client`, once per runtime (`request.param`)."""
+    settings = make_settings(models=("resnet18v1", "resnet50v1"), runtime=request.param)
+    with TestClient(create_app(settings, load_models=cached_loader)) as test_client:
         yield test_client
 
 

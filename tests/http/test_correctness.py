@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from torchvision.models import get_model_weights
 
 from tests.conftest import SYNSETS
-from tests.http.conftest import upload
+from tests.http.conftest import CPU_RUNTIMES, upload
 
 TOLERANCE = 1e-5
 
@@ -50,9 +50,11 @@ def assert_matches(answer: list[dict], expected: torch.Tensor, k: int, tolerance
 
 
 @pytest.mark.parametrize(("name", "arch"), [("resnet18v1", "resnet18"), ("resnet50v1", "resnet50")])
-def test_each_photo_matches_the_reference_forward(client, weights_dir, photos, name, arch):
+def test_each_photo_matches_the_reference_forward(runtime_client, weights_dir, photos, name, arch):
+    runtime = runtime_client.get(f"/models/{name}").json()["runtime_details"]["name"]
+    assert runtime in CPU_RUNTIMES
     for photo, data in photos.items():
-        response = client.post(f"/{name}/predict?topk=5", **upload(data, photo))
+        response = runtime_client.post(f"/{name}/predict?topk=5", **upload(data, photo))
         assert response.status_code == 200, response.text
         (answer,) = response.json()["prediction"]
         assert_matches(answer, reference_probabilities(weights_dir, name, arch, data), 5)
@@ -96,10 +98,11 @@ def test_topk_returns_that_many_classes(client):
 STAGED = {"batch_buckets": "1,2,4,8", "max_batches_in_flight": 2}
 
 
+@pytest.mark.parametrize("runtime", CPU_RUNTIMES)
 @pytest.mark.parametrize("plan", [{}, STAGED], ids=["exact", "staged"])
-async def test_concurrent_callers_are_batched_and_each_gets_its_own_answer(serve, weights_dir, photos, plan):
+async def test_concurrent_callers_are_batched_and_each_gets_its_own_answer(serve, weights_dir, photos, plan, runtime):
     names = ["kitten.jpg", "chelsea.jpg", "coffee.jpg", "rocket.jpg"]
-    async with serve(max_batch_size=8, max_delay_ms=1000, max_queue_size=64, **plan) as served:
+    async with serve(max_batch_size=8, max_delay_ms=1000, max_queue_size=64, runtime=runtime, **plan) as served:
         requests = [served.http.post("/resnet18v1/predict?topk=3", **upload(photos[names[i % 4]])) for i in range(32)]
         responses = await asyncio.gather(*requests)
         model = (await served.http.get("/models/resnet18v1")).json()
@@ -107,6 +110,7 @@ async def test_concurrent_callers_are_batched_and_each_gets_its_own_answer(serve
         assert response.status_code == 200, response.text
         expected = reference_probabilities(weights_dir, "resnet18v1", "resnet18", photos[names[i % 4]])
         assert_matches(response.json()["prediction"][0], expected, 3)
+    assert model["runtime_details"]["name"] == runtime
     batching = model["batching"]
     assert batching["buckets"] == ([1, 2, 4, 8] if plan else [])
     assert batching["max_batches_in_flight"] == (2 if plan else 1)
@@ -138,15 +142,29 @@ async def test_decode_on_device_answers_within_rounding_and_fails_only_the_broke
         assert max(abs(p - expected[i].item()) for i, p in got.items()) < 1e-3
 
 
+def _onnxruntime_has_cuda() -> bool:
+    try:
+        import onnxruntime
+    except ImportError:
+        return False
+    return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+
+
 @pytest.mark.gpu
-async def test_the_gpu_defaults_match_the_reference_forward(serve, weights_dir, photos):
-    """CUDA graphs per bucket, two batches in flight, pinned copies: still torchvision's answer."""
+@pytest.mark.parametrize("runtime", ["auto", "onnxruntime"])
+async def test_the_gpu_defaults_match_the_reference_forward(serve, weights_dir, photos, runtime):
+    """CUDA graphs per bucket (torch), two batches in flight, pinned copies: still torchvision's answer;
+    and the same through ONNX Runtime's CUDA provider where onnxruntime-gpu is installed."""
+    if runtime == "onnxruntime" and not _onnxruntime_has_cuda():
+        pytest.skip("onnxruntime-gpu (the CUDA provider) is not installed")
     names = list(photos)
-    async with serve(device="cuda", max_delay_ms=50) as served:
+    async with serve(device="cuda", max_delay_ms=50, runtime=runtime) as served:
         requests = [served.http.post("/resnet18v1/predict?topk=3", **upload(photos[names[i % 6]])) for i in range(48)]
         responses = await asyncio.gather(*requests)
-        batching = (await served.http.get("/models/resnet18v1")).json()["batching"]
-    assert batching["cuda_graphs"] and batching["max_batches_in_flight"] == 2
+        model = (await served.http.get("/models/resnet18v1")).json()
+    batching = model["batching"]
+    assert model["runtime_details"]["name"] == ("torch" if runtime == "auto" else runtime)
+    assert batching["cuda_graphs"] == (runtime == "auto") and batching["max_batches_in_flight"] == 2
     for i, response in enumerate(responses):
         assert response.status_code == 200, response.text
         expected = reference_probabilities(weights_dir, "resnet18v1", "resnet18", photos[names[i % 6]])

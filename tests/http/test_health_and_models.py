@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import threading
+from pathlib import Path
 
 import httpx
+import onnxruntime
 import pytest
 import torch
 from fastapi.testclient import TestClient
@@ -30,7 +33,14 @@ def test_models_describe_architecture_weights_and_batching(client, weights_dir):
     assert r18["parameters"] == 11_689_512
     assert r18["input_size"] == [3, 224, 224] and r18["resize_size"] == 256
     assert (r18["device"], r18["dtype"], r18["num_classes"]) == ("cpu", "float32", 1000)
-    assert r18["runtime"] == f"torch {torch.__version__}"
+    # The CPU default: ONNX Runtime, running the export of these weights from the cache.
+    details = r18["runtime_details"]
+    assert r18["runtime"] == f"onnxruntime {onnxruntime.__version__}"
+    assert (details["name"], details["version"]) == ("onnxruntime", onnxruntime.__version__)
+    assert details["providers"] == ["CPUExecutionProvider"] and details["quantization"] == "none"
+    exported = Path(details["file"])
+    assert exported.suffix == ".onnx" and r18["weights"]["sha256"][:16] in exported.name
+    assert hashlib.sha256(exported.read_bytes()).hexdigest() == details["file_sha256"]
     assert r18["weights"]["origin"] == "random-init" and r18["weights"]["seed"] == 0
     assert r18["weights"]["description"] == "random-init seed 0"
     assert len(r18["weights"]["sha256"]) == 64
@@ -38,11 +48,23 @@ def test_models_describe_architecture_weights_and_batching(client, weights_dir):
     assert error_of(client.get("/models/vgg16"))[:2] == (404, "ModelNotFound")
 
 
+def test_the_torch_runtime_runs_no_file_of_its_own(runtime_client):
+    model = runtime_client.get("/models/resnet18v1").json()
+    details = model["runtime_details"]
+    if details["name"] == "torch":
+        assert model["runtime"] == f"torch {torch.__version__}"
+        assert details["file"] is None and details["file_sha256"] is None and details["providers"] == []
+    else:
+        assert details["file"] is not None and Path(details["file"]).is_file()
+    assert model["parameters"] == 11_689_512  # the same count, read from the export record or the module
+
+
 def test_metrics_expose_batch_sizes_and_model_info(client, photos):
     client.post("/resnet18v1/predict", **upload(photos["kitten.jpg"]))
     text = client.get("/metrics").text
     assert 'resnet_serve_batch_size_count{model="resnet18v1"}' in text
     assert 'resnet_serve_model_info{arch="resnet18"' in text
+    assert f'runtime="onnxruntime {onnxruntime.__version__}"' in text
     assert "resnet_serve_ready 1.0" in text
     assert 'resnet_serve_requests_total{code="200",model="resnet18v1",route="predict"}' in text
     assert "process_resident_memory_bytes" in text

@@ -114,7 +114,7 @@ def runner(weights_dir) -> ModelRunner:
     weights = find_weights(spec, weights_dir)
     assert weights is not None
     host = lambda data: preprocess(data, SPEC, max_pixels=CAP)  # noqa: E731
-    return ModelRunner(build_model(spec, weights), SPEC, device=torch.device("cpu"), host_preprocess=host)
+    return ModelRunner.with_torch(build_model(spec, weights), SPEC, device=torch.device("cpu"), host_preprocess=host)
 
 
 def test_a_mixed_batch_fails_only_the_broken_jpeg(runner, photos):
@@ -167,7 +167,7 @@ def test_rejected_jpegs_are_decoded_side_by_side_on_the_fallback_executor(weight
 
     monkeypatch.setattr(runner_module, "decode_batch", lambda encoded, spec, device: [None] * len(encoded))
     with ThreadPoolExecutor(max_workers=len(files), thread_name_prefix="decode") as pool:
-        runner = ModelRunner(
+        runner = ModelRunner.with_torch(
             _resnet18(weights_dir), SPEC, device=torch.device("cpu"), host_preprocess=host, fallback_executor=pool
         )
         outputs = runner.predict([inspect_jpeg(data, SPEC, max_pixels=CAP) for data in files])

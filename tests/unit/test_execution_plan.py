@@ -34,7 +34,7 @@ def images(count: int, size: int = 8) -> list[torch.Tensor]:
 
 def tiny_runner(plan: ExecutionPlan) -> tuple[ModelRunner, RecordsBatchSizes]:
     model = RecordsBatchSizes()
-    return ModelRunner(model, Preprocessing(crop_size=8), device=torch.device("cpu"), plan=plan), model
+    return ModelRunner.with_torch(model, Preprocessing(crop_size=8), device=torch.device("cpu"), plan=plan), model
 
 
 def test_power_of_two_buckets_end_at_the_max_batch():
@@ -121,9 +121,11 @@ def test_a_compiled_resnet_agrees_with_eager_on_every_bucket(weights_dir):
     spec = CATALOG["resnet18v1"]
     weights = find_weights(spec, weights_dir)
     assert weights is not None
-    eager = ModelRunner(build_model(spec, weights), Preprocessing(), device=torch.device("cpu"))
+    eager = ModelRunner.with_torch(build_model(spec, weights), Preprocessing(), device=torch.device("cpu"))
     plan = ExecutionPlan(buckets=(1, 2), compile=True)
-    compiled = ModelRunner(build_model(spec, weights), Preprocessing(), device=torch.device("cpu"), plan=plan)
+    compiled = ModelRunner.with_torch(
+        build_model(spec, weights), Preprocessing(), device=torch.device("cpu"), plan=plan
+    )
     compiled.warm_up([1, 2])
     batch = images(2, size=224)
     assert torch.allclose(torch.stack(compiled.predict(batch)), torch.stack(eager.predict(batch)), atol=1e-5, rtol=0)

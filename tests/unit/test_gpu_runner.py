@@ -20,7 +20,7 @@ def runner_for(weights_dir, dtype: torch.dtype) -> ModelRunner:
     spec = CATALOG["resnet18v1"]
     weights = find_weights(spec, weights_dir)
     assert weights is not None
-    return ModelRunner(build_model(spec, weights), Preprocessing(), device=torch.device("cuda"), dtype=dtype)
+    return ModelRunner.with_torch(build_model(spec, weights), Preprocessing(), device=torch.device("cuda"), dtype=dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -37,7 +37,7 @@ def test_cuda_results_match_the_cpu(weights_dir, photos):
     spec = CATALOG["resnet18v1"]
     weights = find_weights(spec, weights_dir)
     assert weights is not None
-    cpu = ModelRunner(build_model(spec, weights), Preprocessing(), device=torch.device("cpu"))
+    cpu = ModelRunner.with_torch(build_model(spec, weights), Preprocessing(), device=torch.device("cpu"))
     gpu = runner_for(weights_dir, torch.float32)
     assert torch.allclose(
         torch.stack(cpu.predict(images)), torch.stack(gpu.predict(images)), atol=1e-3
@@ -48,7 +48,9 @@ def _runner(weights_dir, plan: ExecutionPlan, dtype: torch.dtype = torch.float32
     spec = CATALOG["resnet18v1"]
     weights = find_weights(spec, weights_dir)
     assert weights is not None
-    return ModelRunner(build_model(spec, weights), Preprocessing(), device=torch.device("cuda"), dtype=dtype, plan=plan)
+    return ModelRunner.with_torch(
+        build_model(spec, weights), Preprocessing(), device=torch.device("cuda"), dtype=dtype, plan=plan
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

@@ -185,7 +185,7 @@ def test_runner_probabilities_match_a_plain_forward(weights_dir):
     spec = CATALOG["resnet18v1"]
     weights = find_weights(spec, weights_dir)
     assert weights is not None
-    runner = ModelRunner(build_model(spec, weights), Preprocessing(), device=torch.device("cpu"))
+    runner = ModelRunner.with_torch(build_model(spec, weights), Preprocessing(), device=torch.device("cpu"))
     images = [torch.randint(0, 256, (3, 224, 224), dtype=torch.uint8) for _ in range(3)]
     got = runner.predict(images)
     reference = torchvision.models.resnet18()
@@ -253,7 +253,7 @@ class _RunsOutOfMemory(torch.nn.Module):
 
 def test_out_of_memory_splits_the_batch_and_keeps_the_order():
     model = _RunsOutOfMemory(limit=2)
-    runner = ModelRunner(model, Preprocessing(crop_size=8), device=torch.device("cpu"), channels_last=False)
+    runner = ModelRunner.with_torch(model, Preprocessing(crop_size=8), device=torch.device("cpu"), channels_last=False)
     images = [torch.full((3, 8, 8), i, dtype=torch.uint8) for i in range(5)]
     split = runner.predict(images)
     model.limit = 99
@@ -263,7 +263,7 @@ def test_out_of_memory_splits_the_batch_and_keeps_the_order():
 
 
 def test_out_of_memory_on_a_single_image_is_insufficient_storage():
-    runner = ModelRunner(_RunsOutOfMemory(limit=0), Preprocessing(crop_size=8), device=torch.device("cpu"))
+    runner = ModelRunner.with_torch(_RunsOutOfMemory(limit=0), Preprocessing(crop_size=8), device=torch.device("cpu"))
     with pytest.raises(InsufficientStorage):
         runner.predict([torch.zeros(3, 8, 8, dtype=torch.uint8)] * 2)
 

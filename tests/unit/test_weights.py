@@ -28,13 +28,18 @@ CPU = torch.device("cpu")
 
 
 def _settings(weights_dir: Path, **overrides: Any) -> Settings:
-    values: dict[str, Any] = {"models": ("resnet18v1",), "weights_dir": weights_dir, "device": "cpu"}
+    values: dict[str, Any] = {
+        "models": ("resnet18v1",),
+        "weights_dir": weights_dir,
+        "device": "cpu",
+        "runtime": "torch",
+    }
     values |= {"max_batch_size": 1, **overrides}  # warm-up at batch 1 only: cheap on a CPU
     return Settings(**values).resolve(on_gpu=False)
 
 
 def _conv1(model: LoadedModel) -> torch.Tensor:
-    return model.runner.model.state_dict()["conv1.weight"]
+    return model.runner.runtime.model.state_dict()["conv1.weight"]
 
 
 def _swap_after_first_open(monkeypatch: pytest.MonkeyPatch, target: Path, replacement: Path) -> list[Path]:

@@ -1,0 +1,142 @@
+"""The ONNX Runtime runtime: an `InferenceSession` over an ONNX file, the default on a CPU.
+
+Measured on the 2-core box (docs/benchmarks.md), ONNX Runtime's CPU provider runs a ResNet forward
+1.4x (batch 8) to 1.9x (batch 1) as fast as eager torch, with the same outputs within 1e-5.
+Normalisation and softmax stay in torch around the session, shared with the torch runtime, so a
+file from the ONNX model zoo (logits out, normalised float in) runs unchanged.
+
+On CUDA (`--runtime onnxruntime` with the `onnxruntime-gpu` build) the input and output stay on the
+GPU through IO binding, on torch's current stream, so no copy goes through the host.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from service.errors import StartupError
+from service.imaging import Preprocessing
+from service.models.runtimes import ONNXRUNTIME, RuntimeInfo, channel_constants, normalise
+
+logger = logging.getLogger(__name__)
+
+CPU_PROVIDER = "CPUExecutionProvider"
+CUDA_PROVIDER = "CUDAExecutionProvider"
+
+
+def import_onnxruntime(model: str) -> Any:
+    try:
+        import onnxruntime
+    except ImportError:
+        raise StartupError(
+            f"{model}: --runtime onnxruntime, but onnxruntime is not installed; "
+            "`pip install onnxruntime` (or onnxruntime-gpu on CUDA), or use --runtime torch"
+        ) from None
+    return onnxruntime
+
+
+def session_options(ort: Any, *, threads: int) -> Any:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    # One session runs one batch at a time (the runner's forward thread): no inter-op pool needed.
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # The decode pool shares these cores: intra-op threads that spin between batches take CPU
+    # from decoding for nothing (measured in docs/benchmarks.md, "Runtime explorations").
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.log_severity_level = 3  # warnings about unused initializers etc. are not the operator's
+    return options
+
+
+class OnnxRuntime:
+    def __init__(
+        self,
+        model_bytes: bytes,
+        preprocessing: Preprocessing,
+        *,
+        name: str,
+        device: torch.device,
+        threads: int,
+        file: Path,
+        file_sha256: str,
+        num_parameters: int,
+        quantization: str = "none",
+    ) -> None:
+        ort = import_onnxruntime(name)
+        self.device = device
+        self._on_cuda = device.type == "cuda"
+        providers: list[Any] = [CPU_PROVIDER]
+        if self._on_cuda:
+            if CUDA_PROVIDER not in ort.get_available_providers():
+                raise StartupError(
+                    f"{name}: --runtime onnxruntime on {device}, but this onnxruntime has no CUDA provider; "
+                    "install onnxruntime-gpu in place of onnxruntime, or use --runtime torch"
+                )
+            stream = torch.cuda.current_stream(device).cuda_stream
+            # Torch's stream: the session's kernels then queue behind the batch's copy and normalisation.
+            cuda_options = {"device_id": device.index or 0, "user_compute_stream": str(stream)}
+            providers = [(CUDA_PROVIDER, cuda_options), CPU_PROVIDER]
+        try:
+            self._session = ort.InferenceSession(
+                model_bytes, sess_options=session_options(ort, threads=threads), providers=providers
+            )
+        except Exception as exc:  # onnxruntime raises its own exception types for bad files
+            raise StartupError(f"{name}: onnxruntime cannot load {file}: {str(exc).splitlines()[0]}") from None
+        inputs, outputs = self._session.get_inputs(), self._session.get_outputs()
+        if len(inputs) != 1 or len(outputs) < 1:
+            raise StartupError(f"{name}: {file} must take one image batch input; it has {len(inputs)} inputs")
+        self._input = inputs[0].name
+        self._output = outputs[0].name
+        classes = outputs[0].shape[-1]
+        if not isinstance(classes, int):
+            raise StartupError(f"{name}: {file}'s output has no fixed class count ({outputs[0].shape})")
+        self._num_classes = classes
+        self._num_parameters = num_parameters
+        self._mean, self._std = channel_constants(preprocessing, device)
+        self._info = RuntimeInfo(
+            ONNXRUNTIME,
+            ort.__version__,
+            file=file,
+            file_sha256=file_sha256,
+            providers=tuple(self._session.get_providers()),
+            quantization=quantization,
+        )
+
+    @property
+    def info(self) -> RuntimeInfo:
+        return self._info
+
+    @property
+    def num_classes(self) -> int:
+        return self._num_classes
+
+    @property
+    def num_parameters(self) -> int:
+        return self._num_parameters
+
+    @torch.inference_mode()
+    def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
+        x = normalise(batch, self._mean, self._std).contiguous()
+        logits = self._run_on_cuda(x) if self._on_cuda else torch.from_numpy(self._run_on_cpu(x))
+        return torch.softmax(logits, dim=1)
+
+    def warm(self, batch: torch.Tensor) -> None:
+        self.probabilities(batch)
+
+    def _run_on_cpu(self, x: torch.Tensor) -> Any:
+        # .numpy() shares the tensor's memory: the session reads the batch in place.
+        return self._session.run([self._output], {self._input: x.numpy()})[0]
+
+    def _run_on_cuda(self, x: torch.Tensor) -> torch.Tensor:
+        logits = torch.empty((x.shape[0], self._num_classes), dtype=torch.float32, device=self.device)
+        binding = self._session.io_binding()
+        index = self.device.index or 0
+        binding.bind_input(self._input, "cuda", index, np.float32, tuple(x.shape), x.data_ptr())
+        binding.bind_output(self._output, "cuda", index, np.float32, tuple(logits.shape), logits.data_ptr())
+        self._session.run_with_iobinding(binding)
+        return logits
