@@ -1,0 +1,269 @@
+"""The runtime layer: ONNX Runtime agrees with torch, exports are cached and checked, errors are one line."""
+
+from __future__ import annotations
+
+import errno
+import gc
+import json
+import os
+import sys
+import tempfile
+import weakref
+from pathlib import Path
+from typing import Any
+
+import onnxruntime
+import pytest
+import safetensors.torch
+import torch
+import torchvision
+
+from service.config import Settings
+from service.errors import StartupError
+from service.imaging import Preprocessing
+from service.models import onnx_loading, registry
+from service.models.catalog import CATALOG
+from service.models.onnx_export import ExportCache, ExportKey, export_onnx
+from service.models.onnx_runtime import OnnxRuntime
+from service.models.registry import load_model
+from service.models.runner import ModelRunner
+from service.models.torch_runtime import TorchRuntime
+from service.models.weights import classify, sha256_of
+
+SPEC = CATALOG["resnet18v1"]
+CPU = torch.device("cpu")
+
+
+def peaked_resnet18(seed: int = 0) -> torch.nn.Module:
+    """Random weights whose softmax is far from flat: BN statistics randomised, the head scaled up.
+    A flat softmax would let a wrong normalisation or a swapped channel pass a probability check."""
+    generator = torch.Generator().manual_seed(seed)
+    model = torchvision.models.resnet18(weights=None)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            assert module.running_mean is not None and module.running_var is not None
+            module.running_mean.normal_(0.0, 0.1, generator=generator)
+            module.running_var.uniform_(0.5, 1.5, generator=generator)
+    with torch.no_grad():
+        model.fc.weight.mul_(40.0)
+    return model.eval()
+
+
+def photo_batch(count: int, size: int = 224, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (count, 3, size, size), dtype=torch.uint8, generator=generator)
+
+
+def write_peaked_weights(directory: Path) -> Path:
+    path = directory / "resnet18v1.safetensors"
+    safetensors.torch.save_file(peaked_resnet18().state_dict(), str(path))
+    return path
+
+
+def plan(tmp_path: Path, **overrides: Any):
+    values: dict[str, Any] = {
+        "weights_dir": tmp_path / "weights",
+        "device": "cpu",
+        "runtime": "onnxruntime",
+        "onnx_cache_dir": tmp_path / "cache",
+        "max_batch_size": 2,
+    }
+    return Settings(**(values | overrides)).resolve(on_gpu=False)
+
+
+@pytest.fixture
+def peaked_weights(tmp_path: Path):
+    (tmp_path / "weights").mkdir()
+    return classify(SPEC, write_peaked_weights(tmp_path / "weights"))
+
+
+def test_onnxruntime_gives_torchs_probabilities_within_1e5_at_every_batch_size(peaked_weights, tmp_path):
+    torch_model = load_model(SPEC, peaked_weights, plan(tmp_path, runtime="torch"), CPU)
+    onnx_model = load_model(SPEC, peaked_weights, plan(tmp_path), CPU)
+    assert isinstance(torch_model.runner.runtime, TorchRuntime)
+    assert isinstance(onnx_model.runner.runtime, OnnxRuntime)
+    batch = photo_batch(8)
+    for count in (1, 3, 8):
+        images = list(batch[:count])
+        expected = torch.stack(torch_model.runner.predict(images))  # type: ignore[arg-type]
+        got = torch.stack(onnx_model.runner.predict(images))  # type: ignore[arg-type]
+        assert expected.max(dim=1).values.mean() > 0.5  # peaked: a wrong transform would show
+        assert torch.equal(got.argmax(dim=1), expected.argmax(dim=1))
+        assert (got - expected).abs().max() <= 1e-5
+    assert onnx_model.num_parameters == torch_model.num_parameters == 11_689_512
+
+
+def test_the_export_is_cached_and_a_restart_loads_it_without_building_the_torch_model(
+    peaked_weights, tmp_path, monkeypatch
+):
+    built: list[weakref.ref[torch.nn.Module]] = []
+    real_module = registry._torch_module
+
+    def counting_module(*args: Any) -> torch.nn.Module:
+        module = real_module(*args)
+        built.append(weakref.ref(module))
+        return module
+
+    monkeypatch.setattr(registry, "_torch_module", counting_module)
+    first = load_model(SPEC, peaked_weights, plan(tmp_path), CPU)
+    gc.collect()
+    assert len(built) == 1
+    assert built[0]() is None  # exported, then dropped: the session holds the only copy of the weights
+    info = first.runner.runtime.info
+    assert info.file is not None and info.file.parent == tmp_path / "cache"
+    assert peaked_weights.path.name not in info.file.name and sha256_of(peaked_weights.path)[:16] in info.file.name
+    assert sha256_of(info.file) == info.file_sha256
+
+    second = load_model(SPEC, peaked_weights, plan(tmp_path), CPU)
+    assert len(built) == 1  # no second export
+    assert second.runner.runtime.info.file == info.file
+    image = list(photo_batch(1))
+    assert torch.equal(first.runner.predict(image)[0], second.runner.predict(image)[0])  # type: ignore[arg-type]
+
+
+def test_a_damaged_cached_file_is_exported_again(peaked_weights, tmp_path, caplog):
+    first = load_model(SPEC, peaked_weights, plan(tmp_path), CPU).runner.runtime.info
+    assert first.file is not None
+    first.file.write_bytes(first.file.read_bytes()[:1000])  # truncated
+    again = load_model(SPEC, peaked_weights, plan(tmp_path), CPU).runner.runtime.info
+    assert "does not match its record" in caplog.text
+    assert again.file_sha256 == first.file_sha256 and sha256_of(again.file) == first.file_sha256  # type: ignore[arg-type]
+
+
+def test_the_cache_key_holds_the_weights_opset_exporter_and_runtime(tmp_path):
+    cache = ExportCache(tmp_path)
+    key = ExportKey("m", "ab" * 32, runtime=f"onnxruntime {onnxruntime.__version__}")
+    calls: list[str] = []
+
+    def make(label: str):
+        def create() -> tuple[bytes, int]:
+            calls.append(label)
+            return label.encode(), 1
+
+        return create
+
+    assert cache.get_or_create(key, make("a")).data == b"a"
+    assert cache.get_or_create(key, make("b")).data == b"a"
+    changed_keys = [
+        ExportKey("m", "cd" * 32, runtime=key.runtime),
+        ExportKey("m", key.weights_sha256, runtime="onnxruntime 0.0.1"),
+        ExportKey("m", key.weights_sha256, runtime=key.runtime, opset=18),
+        ExportKey("m", key.weights_sha256, runtime=key.runtime, exporter="torch 0.0 torchscript"),
+        key.derived("int8-0123456789ab"),
+    ]
+    for changed in changed_keys:
+        assert cache.get_or_create(changed, make(changed.stem)).data == changed.stem.encode()
+    assert calls == ["a"] + [changed.stem for changed in changed_keys]  # each change exported anew, once
+    assert len({changed.stem for changed in changed_keys} | {key.stem}) == 6
+    record = json.loads((tmp_path / f"{key.stem}.json").read_text())
+    assert record["key"]["weights_sha256"] == "ab" * 32 and record["key"]["opset"] == 17
+
+
+@pytest.fixture
+def read_only(monkeypatch):
+    """Make a directory read-only. Root ignores permission bits, so as root writes into it are refused
+    the way a read-only mount refuses them (EROFS); as anyone else chmod alone does it."""
+    made: list[Path] = []
+
+    def apply(directory: Path) -> None:
+        made.append(directory)
+        for child in directory.iterdir():
+            child.chmod(0o444)
+        directory.chmod(0o555)
+        if os.geteuid() != 0:
+            return
+        real_mkstemp, real_open = tempfile.mkstemp, Path.open
+
+        def mkstemp(*args: Any, dir: Any = None, **kwargs: Any) -> Any:
+            if dir is not None and Path(dir) == directory:
+                raise PermissionError(errno.EROFS, "Read-only file system")
+            return real_mkstemp(*args, dir=dir, **kwargs)
+
+        def open_(self: Path, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+            if self.parent == directory and set(mode) & set("wax+"):
+                raise PermissionError(errno.EROFS, "Read-only file system")
+            return real_open(self, mode, *args, **kwargs)
+
+        monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+        monkeypatch.setattr(Path, "open", open_)
+
+    yield apply
+    for directory in made:
+        directory.chmod(0o755)
+
+
+def test_a_read_only_cache_serves_its_files_and_refuses_to_export_in_one_line(peaked_weights, tmp_path, read_only):
+    load_model(SPEC, peaked_weights, plan(tmp_path), CPU)
+    cache = tmp_path / "cache"
+    other = classify(SPEC, _write_other_weights(tmp_path))
+    read_only(cache)
+    loaded = load_model(SPEC, peaked_weights, plan(tmp_path), CPU)  # already exported: read-only is fine
+    assert loaded.runner.runtime.info.file is not None and loaded.runner.runtime.info.file.parent == cache
+    with pytest.raises(StartupError) as raised:
+        load_model(SPEC, other, plan(tmp_path), CPU)
+    message = str(raised.value)
+    assert "\n" not in message
+    assert message.startswith("resnet18v1: the ONNX cache directory") and str(cache) in message
+    assert "--onnx-cache-dir" in message and "--runtime torch" in message
+
+
+def test_an_uncreatable_cache_directory_is_one_line_naming_the_setting(peaked_weights, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    with pytest.raises(StartupError) as raised:
+        load_model(SPEC, peaked_weights, plan(tmp_path, onnx_cache_dir=blocker / "cache"), CPU)
+    message = str(raised.value)
+    assert "\n" not in message and "resnet18v1" in message and "--onnx-cache-dir" in message
+
+
+def test_an_export_failure_is_a_startup_error_naming_the_model():
+    class NotExportable(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.fft.fft2(x).abs()  # no ONNX symbolic for complex FFT at opset 17
+
+    with pytest.raises(StartupError) as raised:
+        export_onnx(NotExportable(), input_size=8, model="oddnet")
+    message = str(raised.value)
+    assert "\n" not in message
+    assert message.startswith("oddnet: exporting to ONNX failed") and "--runtime torch" in message
+
+
+def test_onnxruntime_missing_is_a_startup_error_naming_the_model(peaked_weights, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime now raises ImportError
+    with pytest.raises(StartupError) as raised:
+        onnx_loading.onnx_runtime("resnet18v1", "ab" * 32, lambda: torch.nn.Identity(), plan(tmp_path), CPU,
+                                  Preprocessing())  # fmt: skip
+    message = str(raised.value)
+    assert "\n" not in message
+    assert message.startswith("resnet18v1: --runtime onnxruntime, but onnxruntime is not installed")
+
+
+def test_the_default_runtime_is_onnxruntime_on_cpu_and_torch_on_gpu():
+    assert Settings().resolve(on_gpu=False).runtime == "onnxruntime"
+    assert Settings().resolve(on_gpu=True).runtime == "torch"
+    assert Settings(compile=True).resolve(on_gpu=False).runtime == "torch"  # a torch-only flag asks for torch
+    with pytest.raises(ValueError, match="--compile is for --runtime torch"):
+        Settings(runtime="onnxruntime", compile=True).resolve(on_gpu=False)
+    with pytest.raises(ValueError, match="--quantize int8 needs --runtime onnxruntime"):
+        Settings(runtime="torch", quantize="int8").resolve(on_gpu=False)
+    with pytest.raises(ValueError, match="--calibration-images"):
+        Settings(quantize="int8").resolve(on_gpu=False)
+
+
+def test_a_runner_over_each_runtime_gives_the_same_outputs_for_padded_buckets(peaked_weights, tmp_path):
+    """Buckets pad a batch with zero images; the padding must not leak into the real rows."""
+    onnx = load_model(SPEC, peaked_weights, plan(tmp_path, batch_buckets="4"), CPU).runner
+    exact = load_model(SPEC, peaked_weights, plan(tmp_path), CPU).runner
+    assert isinstance(exact, ModelRunner) and onnx.plan.buckets == (4,)
+    images = list(photo_batch(3))
+    for padded, unpadded in zip(onnx.predict(images), exact.predict(images), strict=True):
+        assert (padded - unpadded).abs().max() <= 1e-6  # type: ignore[operator]
+
+
+def _write_other_weights(tmp_path: Path) -> Path:
+    directory = tmp_path / "other"
+    directory.mkdir()
+    model = peaked_resnet18(seed=1)
+    path = directory / "resnet18v1.safetensors"
+    safetensors.torch.save_file(model.state_dict(), str(path))
+    return path
