@@ -450,7 +450,7 @@ def exposed_metric_names() -> set[str]:
     registry = CollectorRegistry()
     metrics = Metrics(registry, max_batch_size=8)
     metrics.init_model("m", queue_capacity=8)
-    metrics.model_info.labels("m", "resnet18", "cpu", "float32", "random-init seed 0").set(1)
+    metrics.model_info.labels("m", "resnet18", "cpu", "float32", "random-init seed 0", "onnxruntime 1.32.0").set(1)
     names = {sample.name for family in registry.collect() for sample in family.samples}
     # The CUDA collector's families are only built on a GPU host: read their names from the source.
     source = (REPO / "service" / "metrics.py").read_text()

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import onnxruntime
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
@@ -272,7 +273,8 @@ def test_metrics_count_the_traffic_exactly(server, traffic):
     assert sample(after, "resnet_serve_queue_depth", model=MODEL) == 0
     assert sample(after, "resnet_serve_inflight_requests") == 0
     assert sample(after, "resnet_serve_ready") == 1
-    info = {"model": MODEL, "arch": "resnet18", "device": "cpu", "dtype": "float32", "weights": "random-init seed 0"}
+    info = {"model": MODEL, "arch": "resnet18", "device": "cpu", "dtype": "float32", "weights": "random-init seed 0",
+            "runtime": f"onnxruntime {onnxruntime.__version__}"}  # fmt: skip
     assert sample(after, "resnet_serve_model_info", **info) == 1
     assert sample(after, "process_resident_memory_bytes") > 0
 

@@ -78,6 +78,20 @@ def test_a_request_bigger_than_the_queue_is_refused_at_startup(tmp_path):
     assert "raise --max-queue-size or lower --max-images-per-request" in line
 
 
+def test_an_unwritable_onnx_cache_directory_stops_the_server_with_one_line(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    result = subprocess.run(
+        [sys.executable, "-m", "service", "serve", "--weights-dir", str(tmp_path / "weights"), "--port", "0",
+         "--missing-weights", "random", "--runtime", "onnxruntime", "--onnx-cache-dir", str(blocker / "cache")],
+        capture_output=True, text=True, timeout=180, check=False, cwd=REPO,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"resnet-serve: startup failed: resnet18v1: the ONNX cache directory {blocker / 'cache'}")
+    assert last.endswith("set --onnx-cache-dir to a writable directory, or use --runtime torch")
+
+
 @pytest.fixture
 def served(monkeypatch) -> list[Settings]:
     """The settings `serve` would run with, instead of running it."""
