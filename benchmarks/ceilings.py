@@ -1,13 +1,16 @@
 """What the hardware allows without a server: the bare model's forward and the decode+preprocess step.
 
-(a) torchvision resnet18 (random init, eval, channels_last, inference_mode) on float input that is
-    already normalised, with `torch.set_num_threads` as the server's: img/s at batch 8 and 1, and the
-    single-image forward latency.
+(a) torchvision resnet18 (random init) on float input that is already normalised, with the server's
+    intra-op threads: img/s at batch 8 and 1, and the single-image forward latency. Per runtime:
+    `--runtime torch`: eval, channels_last, inference_mode, `torch.set_num_threads`;
+    `--runtime onnxruntime`: the same weights exported as the server exports them, in an
+    `InferenceSession` with onnxruntime's defaults and `intra_op_num_threads`.
 (b) `service.imaging.preprocess` (decode, EXIF, RGB, resize 256, crop 224) on the photo mix in one
     thread: img/s per core and the mean per-image latency.
 
 Examples:
   python -m benchmarks.ceilings --threads 2
+  python -m benchmarks.ceilings --threads 2 --runtime onnxruntime --no-decode
   python -m benchmarks.ceilings --threads 1 --batch-sizes 1,8,16 --seconds 5 --json ceilings.json
 """
 
@@ -17,7 +20,7 @@ import argparse
 import json
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from functools import cache
 from typing import Any
@@ -32,6 +35,7 @@ class ForwardCeiling:
     arch: str
     threads: int
     batch_size: int
+    runtime: str
     img_s: float
     median_batch_ms: float
     iterations: int
@@ -56,31 +60,61 @@ def _model(arch: str) -> Any:
     return model.to(memory_format=torch.channels_last)
 
 
+@cache
+def _onnx_session(arch: str, threads: int) -> Any:
+    import onnxruntime
+
+    from service.models.onnx_export import export_onnx
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    data = export_onnx(_model(arch), input_size=224, model=arch)
+    return onnxruntime.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+
+
+def _forward_function(arch: str, runtime: str, threads: int) -> Callable[[Any], Any]:
+    import torch
+
+    torch.set_num_threads(threads)
+    if runtime == "onnxruntime":
+        session = _onnx_session(arch, threads)
+        name = session.get_inputs()[0].name
+        return lambda x: session.run(None, {name: x.numpy()})
+    model = _model(arch)
+    return lambda x: model(x.contiguous(memory_format=torch.channels_last))
+
+
 def forward_ceiling(
-    arch: str = "resnet18", *, threads: int, batch_size: int, seconds: float = 3.0, warmup: int = 2
+    arch: str = "resnet18",
+    *,
+    threads: int,
+    batch_size: int,
+    seconds: float = 3.0,
+    warmup: int = 2,
+    runtime: str = "torch",
 ) -> ForwardCeiling:
     """Bare forward throughput: as many batches as fit in `seconds` (at least 3), after `warmup`."""
     import torch
 
-    torch.set_num_threads(threads)
-    model = _model(arch)
+    forward = _forward_function(arch, runtime, threads)
     generator = torch.Generator().manual_seed(batch_size)
-    x = torch.randn(batch_size, 3, 224, 224, generator=generator).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(batch_size, 3, 224, 224, generator=generator)
     times: list[float] = []
     with torch.inference_mode():
         for _ in range(warmup):
-            model(x)
+            forward(x)
         stop_at = time.perf_counter() + seconds
         cpu0 = time.process_time()
         while (time.perf_counter() < stop_at or len(times) < 3) and len(times) < 10_000:
             started = time.perf_counter()
-            model(x)
+            forward(x)
             times.append(time.perf_counter() - started)
         cpu = time.process_time() - cpu0
     return ForwardCeiling(
         arch=arch,
         threads=threads,
         batch_size=batch_size,
+        runtime=runtime,
         img_s=batch_size * len(times) / sum(times),
         median_batch_ms=1000 * statistics.median(times),
         iterations=len(times),
@@ -122,11 +156,13 @@ def measure(
     seconds: float = 3.0,
     photos: Sequence[Photo] | None = None,
     decode: bool = True,
+    runtime: str = "torch",
 ) -> dict[str, Any]:
     arch = ARCHES.get(model, model)
     result: dict[str, Any] = {
         "forward": {
-            str(b): asdict(forward_ceiling(arch, threads=threads, batch_size=b, seconds=seconds)) for b in batch_sizes
+            str(b): asdict(forward_ceiling(arch, threads=threads, batch_size=b, seconds=seconds, runtime=runtime))
+            for b in batch_sizes
         }
     }
     if decode:
@@ -138,7 +174,7 @@ def format_ceilings(result: dict[str, Any]) -> str:
     lines = []
     for size, f in result["forward"].items():
         lines.append(
-            f"forward {f['arch']} batch {size:>2} threads {f['threads']}: {f['img_s']:6.1f} img/s, "
+            f"forward {f['arch']} {f['runtime']} batch {size:>2} threads {f['threads']}: {f['img_s']:6.1f} img/s, "
             f"{f['median_batch_ms']:.1f} ms a batch (median of {f['iterations']})"
         )
     if "decode" in result:
@@ -153,7 +189,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.ceilings", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="resnet18v1", help="catalog name or torchvision arch")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch intra-op threads")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="the forward's intra-op threads")
+    parser.add_argument("--runtime", choices=("torch", "onnxruntime"), default="torch", help="what runs the forward")
     parser.add_argument("--batch-sizes", default="8,1")
     parser.add_argument("--seconds", type=float, default=3.0, help="seconds per measurement")
     parser.add_argument("--no-decode", action="store_true", help="forward ceilings only")
@@ -161,7 +198,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.batch_sizes.split(",") if s.strip()]
     result = measure(
-        args.model, threads=args.threads, batch_sizes=sizes, seconds=args.seconds, decode=not args.no_decode
+        args.model,
+        threads=args.threads,
+        batch_sizes=sizes,
+        seconds=args.seconds,
+        decode=not args.no_decode,
+        runtime=args.runtime,
     )
     print(format_ceilings(result))
     if args.json:

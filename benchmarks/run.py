@@ -1,10 +1,11 @@
 """One command: weights, ceilings, the server under load at several concurrencies, a table, JSON and a plot.
 
-For each server configuration (`--config NAME:FLAGS`, repeatable):
+For each server configuration (`--config NAME:FLAGS`, repeatable; by default torch and onnxruntime):
   1. start `python -m service serve` with those flags (random-init weights in a temp dir), wait for /ping;
   2. warm up with unmeasured load;
-  3. with the server idle, measure the ceilings: bare forward at batch 8 and 1 on the server's
-     torch threads (plus all cores when that differs), and decode+preprocess on one core;
+  3. with the server idle, measure the ceilings: the bare forward of the server's runtime (torch or
+     onnxruntime) at batch 8 and 1 on the server's threads (plus all cores when that differs), and
+     decode+preprocess on one core;
   4. for each concurrency: closed-loop load for `--duration` s, then the forward ceilings again,
      so each level sits between two ceiling measurements and its ratio uses their mean;
   5. stop the server.
@@ -39,6 +40,8 @@ from benchmarks.harness.sweep import ConfigReport, ServerConfig, run_config
 from benchmarks.photos import load_photos
 
 RESULTS = REPO / "benchmarks" / "results"
+# Each runtime with the server's other defaults, each against its own bare forward.
+DEFAULT_CONFIGS = ("torch:--runtime torch", "onnxruntime:--runtime onnxruntime")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -50,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--ceiling-seconds", type=float, default=3.0, help="seconds per ceiling measurement")
     parser.add_argument(
         "--config", action="append", default=None, metavar="NAME:FLAGS",
-        help="a server configuration (repeatable); default: one, with the server's defaults",
+        help="a server configuration (repeatable); default: torch and onnxruntime side by side",
     )  # fmt: skip
     parser.add_argument(
         "--quiet-wait", type=float, default=45.0,
@@ -64,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
 
 async def _main_async(args: argparse.Namespace) -> int:
     levels = parse_levels(args.concurrency)
-    configs = [ServerConfig.parse(text) for text in (args.config or ["default:"])]
+    configs = [ServerConfig.parse(text) for text in (args.config or DEFAULT_CONFIGS)]
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     out_dir: Path = args.out or RESULTS / (stamp + (f"-{args.tag}" if args.tag else ""))
     out_dir.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240

@@ -108,6 +108,13 @@ def format_tables(reports: Sequence[ConfigReport]) -> str:
                 f"{report.name}: 1-client p50 {o['p50_ms']:.1f} ms vs single-image forward {o['fwd1_ms']:.1f} ms + "
                 f"decode {o['decode_ms']:.1f} ms = {o['reference_ms']:.1f} ms -> ratio {o['ratio']:.2f}"
             )
+    lines.append("")
+    for report in reports:
+        lines.append(
+            f"{report.name}: runtime {report.model_info.get('runtime', report.runtime)} (its bare forward is the "
+            f"ceiling); server RSS {report.rss_after_start_mb:.0f} MiB after start, "
+            f"{report.rss_after_load_mb:.0f} MiB after the load"
+        )
     return "\n".join(lines)
 
 
@@ -118,7 +125,6 @@ def plot(reports: Sequence[ConfigReport], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(9, 5.5))
-    ceilings: list[float] = []
     for report in reports:
         xs = [lv.load["throughput_img_s"] for lv in report.levels]
         p50 = [1000 * lv.load["p50_s"] for lv in report.levels]
@@ -127,12 +133,12 @@ def plot(reports: Sequence[ConfigReport], path: Path, title: str) -> None:
         ax.plot(xs, p99, marker="x", linestyle="--", color=line.get_color(), alpha=0.6, label=f"{report.name} p99")
         for lv, x, y in zip(report.levels, xs, p50, strict=True):
             ax.annotate(f"c={lv.concurrency}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-        # the all-cores forward is the machine's ceiling, whatever threads a config gave the server
-        ceilings += [lv.fwd8_all_cores_img_s or lv.fwd8_ceiling_img_s for lv in report.levels]
-    if ceilings:
-        ceiling = statistics.median(ceilings)
-        ax.axvline(ceiling, color="grey", linestyle=":", label=f"bare forward b8, all cores ~{ceiling:.1f} img/s")
-        ax.axvline(0.85 * ceiling, color="grey", linestyle="-.", alpha=0.5, label="0.85 x forward")
+        # Each config against its own runtime's bare forward on all cores: the machine's ceiling for it.
+        ceilings = [lv.fwd8_all_cores_img_s or lv.fwd8_ceiling_img_s for lv in report.levels]
+        if ceilings:
+            ceiling = statistics.median(ceilings)
+            ax.axvline(ceiling, color=line.get_color(), linestyle=":",
+                       label=f"{report.name}: bare {report.runtime} forward b8 ~{ceiling:.1f} img/s")  # fmt: skip
     ax.set_xlabel("throughput (img/s)")
     ax.set_ylabel("latency (ms)")
     ax.set_yscale("log")

@@ -104,6 +104,9 @@ class ConfigReport:
     env: dict[str, str]
     torch_threads: int
     model_info: dict[str, Any]
+    runtime: str  # what the server ran, and so whose bare forward is the ceiling
+    rss_after_start_mb: float  # the server's resident memory once ready, before any request
+    rss_after_load_mb: float  # and once every level has run
     decode: dict[str, Any]
     ceilings: list[CeilingPoint]
     levels: list[LevelReport]
@@ -116,12 +119,15 @@ def model_info(url: str, model: str) -> dict[str, Any]:
     return info
 
 
-def _forward_in_subprocess(model: str, threads: int, sizes: str, seconds: float, env: dict[str, str]) -> dict[str, Any]:
+def _forward_in_subprocess(
+    model: str, threads: int, sizes: str, seconds: float, env: dict[str, str], runtime: str
+) -> dict[str, Any]:
     """Forward ceilings in a fresh process with the server's environment (OMP_* and the like apply)."""
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
         command = [
             sys.executable, "-m", "benchmarks.ceilings", "--model", model, "--threads", str(threads),
             "--batch-sizes", sizes, "--seconds", str(seconds), "--no-decode", "--json", out.name,
+            "--runtime", runtime,
         ]  # fmt: skip
         subprocess.run(command, check=True, cwd=REPO, env={**os.environ, **env}, stdout=subprocess.DEVNULL, timeout=600)
         forward: dict[str, Any] = json.loads(Path(out.name).read_text())["forward"]
@@ -129,15 +135,18 @@ def _forward_in_subprocess(model: str, threads: int, sizes: str, seconds: float,
 
 
 def measure_ceiling(
-    model: str, threads: int, seconds: float, started: float, quiet_s: float, env: dict[str, str]
+    model: str, threads: int, seconds: float, started: float, quiet_s: float, env: dict[str, str], runtime: str
 ) -> CeilingPoint:
+    """The bare forward of the server's own runtime (torch or onnxruntime): its ceiling."""
     quiet = wait_for_quiet(max_wait_s=quiet_s)
     machine0 = CpuSnapshot.take()
     children0 = os.times().children_user + os.times().children_system
-    forward = _forward_in_subprocess(model, threads, "8,1", seconds, env)
+    forward = _forward_in_subprocess(model, threads, "8,1", seconds, env, runtime)
     all_cores = os.cpu_count() or 1
     fwd8_all = (
-        _forward_in_subprocess(model, all_cores, "8", seconds, env)["8"]["img_s"] if threads != all_cores else None
+        _forward_in_subprocess(model, all_cores, "8", seconds, env, runtime)["8"]["img_s"]
+        if threads != all_cores
+        else None
     )
     children = os.times().children_user + os.times().children_system - children0
     return CeilingPoint(
@@ -227,10 +236,13 @@ async def run_config(
     ) as server:
         target = Target(server.url, f"/{model}/predict", "data", "/metrics", name=config.name)
         info = model_info(server.url, model)
+        runtime = info["runtime_details"]["name"]
+        rss_start_mb = server.stats(tree=True).rss_bytes / 2**20
+        print(f"   runtime: {info['runtime']}; RSS after start {rss_start_mb:.0f} MiB", flush=True)
         print(f"   batching: {info.get('batching')}", flush=True)
         if warmup_s > 0:
             await run_level(target, photos, concurrency=max(levels), duration_s=warmup_s, client=client)
-        ceilings = [measure_ceiling(model, threads, ceiling_s, started, quiet_s, config.env)]
+        ceilings = [measure_ceiling(model, threads, ceiling_s, started, quiet_s, config.env, runtime)]
         decode = asdict(decode_ceiling(photos, seconds=ceiling_s))
         print(f"   ceiling: {ceilings[-1].describe()}; decode {decode['mean_ms']:.2f} ms/img", flush=True)
         reports: list[LevelReport] = []
@@ -246,7 +258,7 @@ async def run_config(
             if load.server is not None:
                 load.server.cpu_s = server_cpu
             other = other_cores(machine0, cpu0, server_cpu)
-            ceilings.append(measure_ceiling(model, threads, ceiling_s, started, quiet_s, config.env))
+            ceilings.append(measure_ceiling(model, threads, ceiling_s, started, quiet_s, config.env, runtime))
             report = _level_report(concurrency, load, ceilings[-2], ceilings[-1], other, quiet)
             reports.append(report)
             print(f"   c={concurrency:<3} {load.throughput:6.1f} img/s p50 {1000 * load.pct(50):6.0f} ms "
@@ -254,10 +266,11 @@ async def run_config(
                   f"{report.breakdown.get('mean_batch', math.nan):.2f} | ceiling {ceilings[-1].describe()} "
                   f"| ratio {report.ratio:.2f} | other cpu {other:.2f} cores", flush=True)  # fmt: skip
         decode_after = asdict(decode_ceiling(photos, seconds=ceiling_s))
+        rss_load_mb = server.stats(tree=True).rss_bytes / 2**20
     decode_ms = (decode["mean_ms"] + decode_after["mean_ms"]) / 2
     decode_summary = {**decode, "mean_ms_after": decode_after["mean_ms"], "mean_ms_avg": decode_ms}
-    return ConfigReport(config.name, config.flags, config.env, threads, info, decode_summary, ceilings, reports,
-                        _one_client(reports, decode_ms))  # fmt: skip
+    return ConfigReport(config.name, config.flags, config.env, threads, info, runtime, rss_start_mb, rss_load_mb,
+                        decode_summary, ceilings, reports, _one_client(reports, decode_ms))  # fmt: skip
 
 
 def _one_client(reports: Sequence[LevelReport], decode_ms: float) -> dict[str, float] | None:

@@ -81,6 +81,9 @@ class Engine:
             logger.info("models loaded, but the server is %s: it stays so", self.phase.value)
             return
         self._trimmer = asyncio.get_running_loop().create_task(self._give_back_memory_periodically())
+        # Loading's temporaries (a checkpoint's parse, an export, a session's graph optimisation) are
+        # freed by now, but glibc keeps the pages until asked: hand them back before serving.
+        memory.give_back_free_memory()
         self.phase = Phase.READY
         self.metrics.ready.set(1)
         logger.info("ready: serving %s on %s", ", ".join(self.pipelines), self.device)

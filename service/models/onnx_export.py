@@ -62,8 +62,10 @@ class ExportKey:
 
 @dataclass(frozen=True)
 class CachedModel:
+    """A cached file whose bytes hashed to `sha256` when it was checked (its bytes are not kept:
+    the runtime loads the file itself, and a copy held here would stay resident for nothing)."""
+
     path: Path
-    data: bytes
     sha256: str
     num_parameters: int
 
@@ -124,7 +126,7 @@ class ExportCache:
             logger.warning("%s: the cached %s does not match its record; exporting again", key.model, path)
             return None
         logger.info("%s: loading the cached %s (sha256 %s)", key.model, path, sha256[:12])
-        return CachedModel(path, data, sha256, int(record["num_parameters"]))
+        return CachedModel(path, sha256, int(record["num_parameters"]))
 
     @contextlib.contextmanager
     def _locked(self, key: ExportKey) -> Iterator[None]:
@@ -148,7 +150,7 @@ class ExportCache:
         except OSError as exc:
             raise self._unwritable(key, exc) from None
         logger.info("%s: exported to %s (sha256 %s)", key.model, path, sha256[:12])
-        return CachedModel(path, data, sha256, num_parameters)
+        return CachedModel(path, sha256, num_parameters)
 
     def _unwritable(self, key: ExportKey, exc: OSError) -> StartupError:
         return StartupError(

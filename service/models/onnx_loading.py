@@ -49,17 +49,17 @@ def onnx_runtime(
         digest = hashlib.sha256(b"".join(image.tobytes() for image in calibration)).hexdigest()
         fp32 = model
         model = cache.get_or_create(
-            key.derived(f"int8-{digest[:12]}"), lambda: (quantize_int8(fp32.data, calibration), fp32.num_parameters)
+            key.derived(f"int8-{digest[:12]}"),
+            lambda: (quantize_int8(fp32.path.read_bytes(), calibration), fp32.num_parameters),
         )
         del fp32
         quantization = f"int8, calibrated on {len(calibration)} images of {plan.calibration_images}"
     return OnnxRuntime(
-        model.data,
+        model.path,
         preprocessing,
         name=name,
         device=device,
         threads=plan.torch_threads,
-        file=model.path,
         file_sha256=model.sha256,
         num_parameters=model.num_parameters,
         quantization=quantization,

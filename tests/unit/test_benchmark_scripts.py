@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import http.server
+import json
 import subprocess
 import sys
 import threading
@@ -13,7 +14,7 @@ import time
 import psutil
 import pytest
 
-from benchmarks import decode_routes, loadgen, model_path
+from benchmarks import ceilings, decode_routes, loadgen, model_path
 from benchmarks.harness.http import Target
 from benchmarks.harness.load import run_level
 from benchmarks.harness.metrics import Metrics, ServerStats, scrape
@@ -25,6 +26,16 @@ def test_model_path_prints_the_path_against_the_bare_forward(capsys):
     assert model_path.main(["--arch", "resnet18", "--batch-size", "2", "--seconds", "0.1", "--device", "cpu"]) == 0
     rows = {line.split()[0] for line in capsys.readouterr().out.splitlines()[1:]}
     assert rows == {"bare", "path", "overlap"}
+
+
+@pytest.mark.parametrize("runtime", ["torch", "onnxruntime"])
+def test_the_forward_ceiling_runs_each_runtime(runtime, tmp_path, capsys):
+    out = tmp_path / "ceilings.json"
+    argv = ["--threads", "1", "--batch-sizes", "2", "--seconds", "0.1", "--no-decode", "--runtime", runtime]
+    assert ceilings.main([*argv, "--json", str(out)]) == 0
+    forward = json.loads(out.read_text())["forward"]["2"]
+    assert forward["runtime"] == runtime and forward["iterations"] >= 3 and forward["img_s"] > 0
+    assert f"resnet18 {runtime} batch  2" in capsys.readouterr().out
 
 
 def test_decode_routes_compare_each_route_with_the_exact_one(capsys):

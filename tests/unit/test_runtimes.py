@@ -142,8 +142,8 @@ def test_the_cache_key_holds_the_weights_opset_exporter_and_runtime(tmp_path):
 
         return create
 
-    assert cache.get_or_create(key, make("a")).data == b"a"
-    assert cache.get_or_create(key, make("b")).data == b"a"
+    assert cache.get_or_create(key, make("a")).path.read_bytes() == b"a"
+    assert cache.get_or_create(key, make("b")).path.read_bytes() == b"a"
     changed_keys = [
         ExportKey("m", "cd" * 32, runtime=key.runtime),
         ExportKey("m", key.weights_sha256, runtime="onnxruntime 0.0.1"),
@@ -152,7 +152,7 @@ def test_the_cache_key_holds_the_weights_opset_exporter_and_runtime(tmp_path):
         key.derived("int8-0123456789ab"),
     ]
     for changed in changed_keys:
-        assert cache.get_or_create(changed, make(changed.stem)).data == changed.stem.encode()
+        assert cache.get_or_create(changed, make(changed.stem)).path.read_bytes() == changed.stem.encode()
     assert calls == ["a"] + [changed.stem for changed in changed_keys]  # each change exported anew, once
     assert len({changed.stem for changed in changed_keys} | {key.stem}) == 6
     record = json.loads((tmp_path / f"{key.stem}.json").read_text())
