@@ -151,7 +151,7 @@ def calibration_images(
     except OSError as exc:
         raise StartupError(
             f"int8 calibration: cannot read the directory {directory} ({exc.strerror or exc}); "
-            "point the calibration setting at a readable directory of JPEG or PNG photos"
+            "point --calibration-images at a readable directory of JPEG or PNG photos"
         ) from None
     arrays: list[np.ndarray] = []
     for path in paths:
@@ -166,7 +166,7 @@ def calibration_images(
     if not arrays:
         raise StartupError(
             f"int8 calibration: {directory} has no usable JPEG or PNG image; "
-            "put a few dozen representative photos there (or run without --quantize int8)"
+            "put a few dozen photos like the ones served there (--calibration-images), or drop --quantize int8"
         )
     return arrays
 

@@ -12,6 +12,7 @@ import weakref
 from pathlib import Path
 from typing import Any
 
+import onnx
 import onnxruntime
 import pytest
 import safetensors.torch
@@ -20,7 +21,7 @@ import torchvision
 
 from service.config import Settings
 from service.errors import StartupError
-from service.imaging import Preprocessing
+from service.imaging import Preprocessing, preprocess
 from service.models import onnx_loading, registry
 from service.models.catalog import CATALOG
 from service.models.onnx_export import ExportCache, ExportKey, export_onnx
@@ -267,3 +268,25 @@ def _write_other_weights(tmp_path: Path) -> Path:
     path = directory / "resnet18v1.safetensors"
     safetensors.torch.save_file(model.state_dict(), str(path))
     return path
+
+
+def test_quantize_int8_serves_a_cached_quantised_file_that_mostly_agrees_with_fp32(peaked_weights, tmp_path, photos):
+    calibration = tmp_path / "calibration"
+    calibration.mkdir()
+    for name in ("kitten.jpg", "chelsea.jpg", "coffee.jpg", "astronaut.jpg"):
+        (calibration / name).write_bytes(photos[name])
+    int8_plan = plan(tmp_path, quantize="int8", calibration_images=calibration)
+    fp32 = load_model(SPEC, peaked_weights, plan(tmp_path), CPU).runner
+    int8 = load_model(SPEC, peaked_weights, int8_plan, CPU).runner
+    info = int8.runtime.info
+    assert info.quantization == f"int8, calibrated on 4 images of {calibration}"
+    assert info.file is not None and "-int8-" in info.file.name and info.file != fp32.runtime.info.file
+    operators = {node.op_type for node in onnx.load_model(str(info.file)).graph.node}
+    assert "QuantizeLinear" in operators and "DequantizeLinear" in operators
+    images = [preprocess(data, Preprocessing(), max_pixels=10**8) for data in photos.values()]
+    expected, got = torch.stack(fp32.predict(images)), torch.stack(int8.predict(images))  # type: ignore[arg-type]
+    assert not torch.equal(expected, got)  # it really runs the quantised model
+    agreeing = int((expected.argmax(dim=1) == got.argmax(dim=1)).sum())
+    assert agreeing >= len(images) - 1, (agreeing, len(images))
+    again = load_model(SPEC, peaked_weights, int8_plan, CPU).runner.runtime.info
+    assert again.file == info.file and again.file_sha256 == info.file_sha256  # cached, not quantised again
