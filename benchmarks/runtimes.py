@@ -538,15 +538,28 @@ MEMORY_PROBES = (
     "ort-nopattern",
     "ort-noarena-nopattern",
     "ort-noprepack",
+    "ort-all+trim",
+    "torch-cl+trim",
     "ov-latency",
 )
 
 
 def memory_probe(name: str, arch: str, threads: int, onnx_path: Path) -> dict[str, float]:
-    """RSS after the runtime's imports, then after loading the model and running every batch size 1..8."""
+    """RSS after the runtime's imports, then after loading the model and running every batch size 1..8.
+    A "+trim" name hands the C heap's free pages back (glibc malloc_trim) before each reading: what is
+    left is what the runtime really holds, not what loading it left behind in the allocator."""
+    import ctypes
+
     import psutil
 
     process = psutil.Process()
+    trim = name.endswith("+trim")
+
+    def rss() -> int:
+        if trim:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        return int(process.memory_info().rss)
+
     if name.startswith("torch"):
         import torch
         import torchvision  # noqa: F401
@@ -556,7 +569,7 @@ def memory_probe(name: str, arch: str, threads: int, onnx_path: Path) -> dict[st
         import onnxruntime  # noqa: F401
     else:
         import openvino  # noqa: F401
-    before = process.memory_info().rss
+    before = rss()
     if name.startswith("torch"):
         runner: Any = TorchRunner(build_model(arch), channels_last=True)
     elif name.startswith("ort"):
@@ -564,12 +577,12 @@ def memory_probe(name: str, arch: str, threads: int, onnx_path: Path) -> dict[st
         runner = OrtRunner(onnx_path, threads=threads, prepacking="noprepack" not in name, **flags)
     else:
         runner = OpenVinoRunner(onnx_path, threads=threads, hint="LATENCY")
-    loaded = process.memory_info().rss
+    loaded = rss()
     rng = np.random.default_rng(2)
     for _ in range(2):
         for b in range(1, 9):
             runner.run(runner.prepare(rng.standard_normal((b, 3, 224, 224), dtype=np.float32)))
-    after = process.memory_info().rss
+    after = rss()
     mib = 1024 * 1024
     return {
         "loaded_mib": (loaded - before) / mib,
