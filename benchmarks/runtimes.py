@@ -533,13 +533,13 @@ def shapes_phase(arch: str, threads: int, legacy: Path) -> dict[str, Any]:
 
 MEMORY_PROBES = (
     "torch-cl",
-    "ort-all",
-    "ort-noarena",
-    "ort-nopattern",
-    "ort-noarena-nopattern",
-    "ort-noprepack",
-    "ort-all+trim",
     "torch-cl+trim",
+    "ort-all",
+    "ort-all+trim",
+    "ort-noarena",
+    "ort-noarena+trim",
+    "ort-nopattern",
+    "ort-noprepack",
     "ov-latency",
 )
 
