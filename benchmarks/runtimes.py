@@ -76,7 +76,7 @@ class TorchRunner:
 
     def run(self, prepared: Any) -> np.ndarray:
         with self.torch.inference_mode():
-            return self.model(prepared).numpy()
+            return self.model(prepared).numpy()  # type: ignore[no-any-return]
 
 
 ORT_LEVELS = ("disabled", "basic", "extended", "all")
@@ -414,7 +414,7 @@ def serial_p50_ms(runner: Any, photos: Sequence[Any], seconds: float) -> float:
     """One client: decode a photo, normalise it, forward it alone; the median of that loop."""
     from service.imaging import Preprocessing, preprocess
 
-    spec, times = Preprocessing(), []
+    spec, times = Preprocessing(), list[float]()
     stop_at = time.perf_counter() + seconds
     while time.perf_counter() < stop_at or len(times) < 5:
         started = time.perf_counter()
@@ -573,8 +573,13 @@ def memory_probe(name: str, arch: str, threads: int, onnx_path: Path) -> dict[st
     if name.startswith("torch"):
         runner: Any = TorchRunner(build_model(arch), channels_last=True)
     elif name.startswith("ort"):
-        flags = {"arena": "noarena" not in name, "mem_pattern": "nopattern" not in name}
-        runner = OrtRunner(onnx_path, threads=threads, prepacking="noprepack" not in name, **flags)
+        runner = OrtRunner(
+            onnx_path,
+            threads=threads,
+            arena="noarena" not in name,
+            mem_pattern="nopattern" not in name,
+            prepacking="noprepack" not in name,
+        )
     else:
         runner = OpenVinoRunner(onnx_path, threads=threads, hint="LATENCY")
     loaded = rss()
