@@ -45,7 +45,7 @@ def onnx_runtime(
         from service.models.quantize import calibration_images, quantize_int8
 
         assert plan.calibration_images is not None  # Settings.resolve requires it with int8
-        calibration = calibration_images(plan.calibration_images, preprocessing)
+        calibration = calibration_images(plan.calibration_images, preprocessing, max_pixels=plan.max_image_pixels)
         digest = hashlib.sha256(b"".join(image.tobytes() for image in calibration)).hexdigest()
         fp32 = model
         model = cache.get_or_create(
