@@ -18,6 +18,9 @@ Examples:
   python -m benchmarks.quantize_agreement
   python -m benchmarks.quantize_agreement --images 1000 --json quantize.json
   python -m benchmarks.quantize_agreement --sweep      # the recipe table (several minutes)
+  # your own resnet18 weights and photos: the agreement that matters for serving them
+  python -m benchmarks.quantize_agreement --weights weights/resnet18-f37072fd.pth \
+      --calibration-dir photos/calibration --evaluation-dir photos/held-out
 """
 
 from __future__ import annotations
@@ -253,6 +256,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2, help="intra-op threads (default 2)")
     parser.add_argument("--sweep", action="store_true", help="compare quantisation recipes on the peaked model")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--weights", type=Path, help="a resnet18 checkpoint to measure instead of the peaked model")
+    parser.add_argument("--calibration-dir", type=Path, help="calibrate on these photos instead of the variations")
+    parser.add_argument("--evaluation-dir", type=Path, help="evaluate on these photos instead of the variations")
     args = parser.parse_args(argv)
 
     import torch
@@ -260,15 +266,32 @@ def main(argv: Sequence[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     # Different seeds: calibration, evaluation and the peaked model's fc fit see different images.
-    calibration = calibration_set(args.calibration, seed=1)
-    evaluation = decoded(varied_images(args.images, seed=2))
-    fit = decoded(varied_images(64, seed=3))
+    calibration = (
+        calibration_images(args.calibration_dir, PREPROCESSING, limit=args.calibration)
+        if args.calibration_dir
+        else calibration_set(args.calibration, seed=1)
+    )
+    evaluation = (
+        np.concatenate(calibration_images(args.evaluation_dir, PREPROCESSING, limit=args.images))
+        if args.evaluation_dir
+        else decoded(varied_images(args.images, seed=2))
+    )
     print(f"{len(calibration)} calibration images, {len(evaluation)} evaluation images")
 
     results: dict[str, Any] = {"threads": args.threads, "calibration_images": len(calibration)}
-    models = {"peaked": build_resnet18(peaked=True, fit=fit)}
-    if not args.sweep:
-        models["plain"] = build_resnet18(peaked=False)
+    if args.weights:
+        import torchvision
+
+        from service.models.weights import read_state_dict
+
+        given = torchvision.models.resnet18(weights=None)
+        given.load_state_dict(read_state_dict(args.weights))
+        # Named "peaked" so that the speed table and the sweep treat it as the model under test.
+        models = {"peaked": given.eval()}
+    else:
+        models = {"peaked": build_resnet18(peaked=True, fit=decoded(varied_images(64, seed=3)))}
+        if not args.sweep:
+            models["plain"] = build_resnet18(peaked=False)
     recipes = sweep_recipes() if args.sweep else [DEFAULT_RECIPE]
     agreements: list[dict[str, Any]] = []
     sessions: dict[str, Any] = {}
