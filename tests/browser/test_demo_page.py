@@ -87,7 +87,7 @@ def test_the_model_facts_and_the_random_init_warning(page, server):
                      strict=True))  # fmt: skip
     assert facts["Architecture"] == "resnet18"
     assert facts["Device"] == info["device"] == "cpu"
-    assert facts["Runtime"] == info["runtime"] and info["runtime"].startswith("torch ")
+    assert facts["Runtime"] == info["runtime"] and info["runtime"].startswith("onnxruntime ")  # the CPU default
     assert facts["sha256"] == info["weights"]["sha256"]
     assert "random-init" in facts["Weights"]
     # Every control has a name a screen reader says; the drop zone is a button.
