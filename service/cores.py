@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from pathlib import Path
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -84,3 +85,20 @@ def _cpus(quota: int, period: int) -> int | None:
     if quota <= 0 or period <= 0:
         return None
     return max(1, math.ceil(quota / period))
+
+
+# Compute threads (decode, forward, the runtime's own pool) run at this nice value, the event loop
+# at the process's own: when the cores are saturated, the loop still gets them first, so that
+# refusals (429, 503) and health checks stay fast. CFS gives a nice-5 thread about a third of the
+# share of a nice-0 one; the compute threads' shares among themselves are unchanged.
+COMPUTE_NICENESS = 5
+
+
+def lower_thread_priority() -> None:
+    """Give the calling thread (and the threads it starts later) the compute threads' priority.
+    Linux sets priority per thread; elsewhere, or where it is not allowed, nothing changes."""
+    try:
+        thread = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, thread, max(os.getpriority(os.PRIO_PROCESS, thread), COMPUTE_NICENESS))
+    except (AttributeError, OSError):
+        pass

@@ -12,17 +12,22 @@ GPU through IO binding, on torch's current stream, so no copy goes through the h
 from __future__ import annotations
 
 import logging
+import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
+from service import cores
 from service.errors import StartupError
 from service.imaging import Preprocessing
 from service.models.runtimes import ONNXRUNTIME, RuntimeInfo, channel_constants, normalise
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 CPU_PROVIDER = "CPUExecutionProvider"
 CUDA_PROVIDER = "CUDAExecutionProvider"
@@ -86,8 +91,10 @@ class OnnxRuntime:
         try:
             # From the path, not from bytes: a session made from bytes keeps them referenced, which
             # is the model's size again in resident memory for nothing.
-            self._session = ort.InferenceSession(
-                str(file), sess_options=session_options(ort, threads=threads), providers=providers
+            self._session = _in_a_compute_thread(
+                lambda: ort.InferenceSession(
+                    str(file), sess_options=session_options(ort, threads=threads), providers=providers
+                )
             )
         except Exception as exc:  # onnxruntime raises its own exception types for bad files
             raise StartupError(f"{name}: onnxruntime cannot load {file}: {str(exc).splitlines()[0]}") from None
@@ -144,3 +151,24 @@ class OnnxRuntime:
         binding.bind_output(self._output, "cuda", index, np.float32, tuple(logits.shape), logits.data_ptr())
         self._session.run_with_iobinding(binding)
         return logits
+
+
+def _in_a_compute_thread(create: Callable[[], T]) -> T:
+    """`create()` on a thread of the compute threads' priority: the session starts its intra-op
+    threads there, and a new thread inherits its creator's priority (service/cores.py)."""
+    outcome: list[T] = []
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        cores.lower_thread_priority()
+        try:
+            outcome.append(create())
+        except BaseException as exc:
+            failure.append(exc)
+
+    thread = threading.Thread(target=run, name="onnxruntime-setup")
+    thread.start()
+    thread.join()
+    if failure:
+        raise failure[0]
+    return outcome[0]

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import gc
 import json
 import os
 import sys
 import tempfile
+import threading
 import weakref
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ import safetensors.torch
 import torch
 import torchvision
 
+from service import cores
 from service.config import Settings
 from service.errors import StartupError
 from service.imaging import Preprocessing, preprocess
@@ -293,3 +296,43 @@ def test_quantize_int8_serves_a_cached_quantised_file_that_mostly_agrees_with_fp
     assert agreeing >= len(images) - 1, (agreeing, len(images))
     again = load_model(SPEC, peaked_weights, int8_plan, CPU).runner.runtime.info
     assert again.file == info.file and again.file_sha256 == info.file_sha256  # cached, not quantised again
+
+
+def _nice_values() -> dict[int, int]:
+    """Each thread of this process and its nice value (field 19 of /proc/self/task/TID/stat)."""
+    values = {}
+    for task in Path("/proc/self/task").iterdir():
+        with contextlib.suppress(OSError):
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            values[int(task.name)] = int(fields[16])
+    return values
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="per-thread priorities are read from Linux's /proc")
+def test_the_sessions_threads_yield_to_the_event_loop(peaked_weights, tmp_path):
+    """Under overload the event loop must still refuse fast: onnxruntime's intra-op threads run at the
+    compute threads' lower priority, and the thread that builds the session is untouched."""
+    own = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    before = set(_nice_values())
+    loaded = load_model(SPEC, peaked_weights, plan(tmp_path, torch_threads=2), CPU)
+    started = {tid: nice for tid, nice in _nice_values().items() if tid not in before}
+    assert started, "the session started no thread of its own"
+    assert all(nice >= cores.COMPUTE_NICENESS for nice in started.values()), started
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == own
+    assert loaded.runner.runtime.info.name == "onnxruntime"
+
+
+async def test_the_decode_and_forward_threads_yield_to_the_event_loop(tmp_path):
+    from service.engine.pools import Pools
+
+    pools = Pools(plan(tmp_path, max_batches_in_flight=2))
+
+    def priority() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    try:
+        for pool in (pools.decode, pools.forward, pools.stage):
+            assert pool.submit(priority).result() >= cores.COMPUTE_NICENESS
+        assert priority() < cores.COMPUTE_NICENESS  # the event loop's thread keeps its own
+    finally:
+        await pools.close()
