@@ -52,7 +52,9 @@ def request_mix(max_upload_bytes: int) -> list[tuple[str, bytes, bool]]:
     ]
 
 
-async def soak(port: int, pid: int, *, total: int, every: int, concurrency: int, max_upload_bytes: int) -> list[Sample]:
+async def soak(
+    port: int, pid: int, *, total: int, every: int, concurrency: int, max_upload_bytes: int, settle_s: float = 2.5
+) -> list[Sample]:
     mix = itertools.cycle(request_mix(max_upload_bytes))
     samples: list[Sample] = []
     statuses: Counter[str] = Counter()
@@ -68,6 +70,9 @@ async def soak(port: int, pid: int, *, total: int, every: int, concurrency: int,
     while done < total:
         target = min(total, done + every)
         await asyncio.gather(*(worker(target) for _ in range(min(concurrency, target - done))))
+        # At rest: the server trims its heap a second after the last forward, so the sample is what
+        # it keeps, not the free pages of the burst just ended.
+        await asyncio.sleep(settle_s)
         stats = process_stats(pid)
         samples.append(Sample(done, round(stats.rss_bytes / 2**20, 1), stats.open_fds, stats.threads, dict(statuses)))
     return samples

@@ -26,7 +26,8 @@ from service.models.registry import LoadedModel
 
 logger = logging.getLogger(__name__)
 
-_TRIM_INTERVAL_S = 10.0
+_TRIM_CHECK_S = 1.0  # how often the trimmer looks at the forward count
+_TRIM_UNDER_LOAD_S = 10.0  # the longest it waits while forwards keep coming
 
 
 class Phase(StrEnum):
@@ -150,8 +151,18 @@ class Engine:
         raise ServiceUnavailable("the models are still loading; retry when /ping says Healthy")
 
     async def _give_back_memory_periodically(self) -> None:
+        """Trim once a burst of work ends (a second without forwards), and every 10 s under steady
+        load: what an idle server holds is then what it keeps, not the last burst's free pages."""
         loop = asyncio.get_running_loop()
+        trimmed_at = seen = self.pools.forwards
+        last_trim = loop.time()
         while True:
-            await asyncio.sleep(_TRIM_INTERVAL_S)
-            # On the forward thread, so it never runs during a forward.
-            await loop.run_in_executor(self.pools.forward, memory.give_back_free_memory)
+            await asyncio.sleep(_TRIM_CHECK_S)
+            count = self.pools.forwards
+            went_idle = count == seen and count != trimmed_at
+            overdue = count != trimmed_at and loop.time() - last_trim >= _TRIM_UNDER_LOAD_S
+            seen = count
+            if went_idle or overdue:
+                trimmed_at, last_trim = count, loop.time()
+                # On the forward thread, so it never runs during a forward.
+                await loop.run_in_executor(self.pools.forward, memory.give_back_free_memory)

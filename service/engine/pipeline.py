@@ -144,6 +144,7 @@ class ModelPipeline:
         loop = asyncio.get_running_loop()
         runner = self.loaded.runner
         pools = self._pools
+        pools.forwards += 1
         if pools.stage is pools.forward:
             return await loop.run_in_executor(pools.forward, runner.predict, images)
         staged = await loop.run_in_executor(pools.stage, runner.stage, images)

@@ -22,6 +22,7 @@ class Pools:
         # With more than one batch in flight, staging (stack, pin, copy to the device) gets its own
         # thread so it overlaps the forward; with one, a second thread would only add a hand-off.
         self.stage = self.forward
+        self.forwards = 0  # batches run so far: what the engine's memory trimmer watches
         if plan.max_batches_in_flight > 1:
             self.stage = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stage", initializer=compute)
 

@@ -28,6 +28,7 @@ def test_a_thousand_mixed_requests_leak_nothing(tmp_path):
     assert final["415"] > 0
     assert final["413"] > 0
     change = growth(samples[1:])  # the first 200 requests are the warm-up
-    assert change["rss"] < 0.05, samples
+    # Sampled at rest, after the idle trim, RSS is steady to 0.1 % here; a leak of 20 KB a request fails.
+    assert change["rss"] < 0.02, samples
     assert change["open_fds"] < 0.05, samples
     assert change["threads"] < 0.05, samples
