@@ -11,6 +11,7 @@ import contextlib
 import io
 import warnings
 from dataclasses import dataclass
+from enum import StrEnum
 
 import numpy as np
 import torch
@@ -34,9 +35,21 @@ warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
 
 
+class ResizeBackend(StrEnum):
+    PIL = "pil"  # Pillow's resize, as torchvision's and mmcv's `backend="pillow"` transforms call it
+    OPENCV = "opencv"  # OpenCV's INTER_LINEAR: bilinear from the 2x2 nearest pixels, no antialiasing
+
+
+class ResizeMode(StrEnum):
+    SHORT_EDGE = "short-edge"  # the shorter side to resize_size, the aspect ratio kept
+    SQUARE = "square"  # both sides to resize_size (mmpretrain's `Resize(scale=N)`)
+    NONE = "none"  # no resize: the model's pipeline takes images at its input size (CIFAR)
+
+
 @dataclass(frozen=True)
 class Preprocessing:
-    """The evaluation transform of a set of weights, as torchvision's `ImageClassification` has it."""
+    """The evaluation transform of a set of weights: resize, centre crop, then mean and std (0-1
+    scale). The defaults are torchvision's `ImageClassification`."""
 
     resize_size: int = 256
     crop_size: int = 224
@@ -44,6 +57,25 @@ class Preprocessing:
     antialias: bool = True
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    backend: ResizeBackend = ResizeBackend.PIL
+    mode: ResizeMode = ResizeMode.SHORT_EDGE
+
+    @property
+    def is_torchvision_like(self) -> bool:
+        """Whether the device decoder's resize (torchvision's, on the GPU) reproduces this one."""
+        return self.backend is ResizeBackend.PIL and self.mode is ResizeMode.SHORT_EDGE
+
+    def describe(self) -> str:
+        if self.mode is ResizeMode.NONE:
+            resize = f"resize to {self.crop_size} (short edge) only when the image differs"
+        elif self.mode is ResizeMode.SQUARE:
+            resize = f"resize to {self.resize_size}x{self.resize_size}"
+        else:
+            resize = f"resize the short edge to {self.resize_size}"
+        method = f"{self.backend.value} {self.interpolation.value}" + ("" if self.antialias else ", no antialias")
+        mean = ", ".join(f"{m * 255:g}" for m in self.mean)
+        std = ", ".join(f"{s * 255:g}" for s in self.std)
+        return f"{resize} ({method}), centre crop {self.crop_size}, mean [{mean}], std [{std}] (0-255)"
 
 
 def decode(data: bytes, *, max_pixels: int) -> Image.Image:
@@ -79,6 +111,8 @@ def inspect_jpeg(data: bytes, spec: Preprocessing, *, max_pixels: int) -> Encode
     image = _open_checked(data, max_pixels=max_pixels)
     if image.format != "JPEG" or image.mode not in _DEVICE_JPEG_MODES or image.info.get("progressive"):
         return None
+    if not spec.is_torchvision_like:
+        return None
     try:
         orientation = int(image.getexif().get(_EXIF_ORIENTATION, 1))
     except Exception:  # a corrupt EXIF block: the host path ignores it too
@@ -111,6 +145,8 @@ def _open_checked(data: bytes, *, max_pixels: int) -> Image.Image:
 
 
 def _check_resizable(width: int, height: int, spec: Preprocessing, max_pixels: int) -> None:
+    if spec.mode is not ResizeMode.SHORT_EDGE:
+        return  # a fixed output size
     short, long = sorted((width, height))
     resized_long = int(spec.resize_size * long / short)
     if resized_long * spec.resize_size > max_pixels:
@@ -123,10 +159,41 @@ def _check_resizable(width: int, height: int, spec: Preprocessing, max_pixels: i
 def to_model_input(image: Image.Image, spec: Preprocessing, *, max_pixels: int) -> torch.Tensor:
     """Resize the shorter side, center-crop, and return a uint8 tensor of shape (3, crop, crop)."""
     _check_resizable(image.width, image.height, spec, max_pixels)
-    resized = F.resize(image, [spec.resize_size], interpolation=spec.interpolation, antialias=spec.antialias)
-    cropped = F.center_crop(resized, [spec.crop_size])
-    tensor: torch.Tensor = F.pil_to_tensor(cropped)
+    size = _resized_size(image.width, image.height, spec)
+    if size is None:
+        cropped = F.center_crop(image, [spec.crop_size])
+    elif spec.backend is ResizeBackend.OPENCV:
+        cropped = F.center_crop(_opencv_bilinear(F.pil_to_tensor(image), size), [spec.crop_size])
+    else:
+        resized = F.resize(image, list(size), interpolation=spec.interpolation, antialias=spec.antialias)
+        cropped = F.center_crop(resized, [spec.crop_size])
+    tensor: torch.Tensor = cropped if isinstance(cropped, torch.Tensor) else F.pil_to_tensor(cropped)
     return tensor
+
+
+def _resized_size(width: int, height: int, spec: Preprocessing) -> tuple[int, int] | None:
+    """(height, width) after the resize, or None for none. The short edge's rounding (down) is
+    torchvision's and mmcv's `ResizeEdge`'s alike."""
+    if spec.mode is ResizeMode.SQUARE:
+        return spec.resize_size, spec.resize_size
+    target = spec.crop_size if spec.mode is ResizeMode.NONE else spec.resize_size
+    if spec.mode is ResizeMode.NONE and width == height == target:
+        return None
+    if width <= height:
+        return int(target * height / width), target
+    return target, int(target * width / height)
+
+
+def _opencv_bilinear(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """OpenCV's `resize(INTER_LINEAR)` on uint8 CHW: the same half-pixel sampling of the 2x2 nearest
+    source pixels and no antialiasing. OpenCV computes in 11-bit fixed point, this in float32, so a
+    pixel may differ by one level (docs/models.md measures it)."""
+    if tuple(image.shape[1:]) == size:
+        return image
+    resized = torch.nn.functional.interpolate(
+        image.unsqueeze(0).float(), size=size, mode="bilinear", align_corners=False, antialias=False
+    )
+    return resized.squeeze(0).round_().clamp_(0, 255).to(torch.uint8)
 
 
 def preprocess(data: bytes, spec: Preprocessing, *, max_pixels: int) -> torch.Tensor:

@@ -12,6 +12,7 @@ from service.api.schemas import (
     HealthStatus,
     ModelInfo,
     ModelList,
+    Preprocessing,
     RuntimeDetails,
     WeightsInfo,
 )
@@ -70,8 +71,16 @@ def describe(engine: Engine, pipeline: ModelPipeline) -> ModelInfo:
     runtime = loaded.runner.runtime.info
     return ModelInfo(
         name=loaded.name,
-        aliases=list(loaded.spec.aliases),
-        architecture=loaded.spec.arch,
+        aliases=list(loaded.card.aliases),
+        architecture=loaded.card.architecture,
+        family=loaded.card.family,
+        preprocessing=Preprocessing(
+            preset=loaded.card.preset,
+            description=loaded.preprocessing.describe(),
+            scores="sigmoid (multi-label)" if loaded.card.multi_label else "softmax",
+        ),
+        label_source=loaded.card.label_source,
+        embedding_dim=loaded.runner.feature_dim,
         parameters=loaded.num_parameters,
         input_size=[3, crop, crop],
         resize_size=loaded.preprocessing.resize_size,

@@ -12,7 +12,7 @@ from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
 from service import __version__
-from service.api import admin, demo, handlers, predict, v2
+from service.api import admin, demo, embed, handlers, predict, v2
 from service.api.uploads import UploadLimits
 from service.config import ServerPlan, Settings
 from service.engine import Engine
@@ -91,6 +91,7 @@ def create_app(
     handlers.install(app)
     app.include_router(admin.router)
     app.include_router(predict.router)
+    app.include_router(embed.router)
     app.include_router(v2.router)
     app.include_router(demo.router)
     app.mount(demo.STATIC_PATH, demo.static_files(), name="static")

@@ -17,6 +17,7 @@ from service.errors import (
     InferenceFailed,
     InvalidInput,
 )
+from service.models.runner import ImageResult
 from service.postprocessing import ClassScore, top_k
 
 router = APIRouter(tags=["prediction"])
@@ -28,7 +29,7 @@ TopK = Annotated[
 ]
 Formatter = Callable[[list[list[ClassScore]]], Any]
 # Route endpoint names → the `route` label of the request metrics.
-ROUTE_LABELS = {"predict_mms": "predict", "predict_torchserve": "predictions"}
+ROUTE_LABELS = {"predict_mms": "predict", "predict_torchserve": "predictions", "embed_images": "embed"}
 
 
 def _mms_v04(results: list[list[ClassScore]]) -> Any:
@@ -65,7 +66,7 @@ async def predict_torchserve(model: str, request: Request, topk: TopK = None) ->
 async def _handle(request: Request, model: str, topk: int | None, *, route: str, formatter: Formatter) -> Response:
     async def work(engine: Engine) -> Response:
         results = await _classify(request, engine, engine.lookup(model), topk)
-        return _render(formatter(results))
+        return render(formatter(results))
 
     return await counted(request, model, route, work)
 
@@ -84,12 +85,12 @@ def count_refused_request(request: Request, status: int) -> None:
         engine.metrics.rejected.labels(model_label, "bad_input").inc()
 
 
-def _render(content: Any) -> JSONResponse:
+def render(content: Any) -> JSONResponse:
     try:
         return JSONResponse(content)
     except ValueError:  # json refuses NaN and infinity: the forward produced a non-finite probability
         raise InferenceFailed(
-            "the model produced a non-finite probability (NaN or infinity); with --dtype float16 "
+            "the model produced a non-finite value (NaN or infinity); with --dtype float16 "
             "this is an overflow: serve in float32 or bfloat16"
         ) from None
 
@@ -97,12 +98,19 @@ def _render(content: Any) -> JSONResponse:
 async def _classify(
     request: Request, engine: Engine, pipeline: ModelPipeline, topk: int | None
 ) -> list[list[ClassScore]]:
-    plan = engine.plan
     labels = pipeline.labels
     # The default never asks for more classes than a fine-tuned model has; an explicit one must fit.
     topk = min(DEFAULT_TOPK, len(labels)) if topk is None else topk
     if not 1 <= topk <= len(labels):
         raise InvalidInput(f"topk must be between 1 and {len(labels)} for {pipeline.name}, got {topk}")
+    results = await run_images(request, engine, pipeline)
+    return [top_k(r.probabilities, labels, topk) for r in results]
+
+
+async def run_images(request: Request, engine: Engine, pipeline: ModelPipeline) -> list[ImageResult]:
+    """The request's images (multipart `data` parts, or a raw body) through the model's batcher,
+    within the request timeout: each image's probabilities and features, in order."""
+    plan = engine.plan
     loop = asyncio.get_running_loop()
     deadline = loop.time() + plan.request_timeout_s
     with pipeline.admit(1) as reservation:
@@ -116,5 +124,4 @@ async def _classify(
         await reservation.grow_to(len(uploads), deadline=deadline)
         images = await pipeline.prepare(uploads)
         tickets = pipeline.submit(reservation, images, deadline=deadline)
-    probabilities = await pipeline.results(tickets, deadline=deadline, client_gone=until_disconnect(request.receive))
-    return [top_k(p, labels, topk) for p in probabilities]
+    return await pipeline.results(tickets, deadline=deadline, client_gone=until_disconnect(request.receive))

@@ -65,10 +65,25 @@ class RuntimeDetails(BaseModel):
     quantization: str = Field(examples=["none"], description="none, or how the model was quantised")
 
 
+class Preprocessing(BaseModel):
+    preset: str = Field(examples=["torchvision"], description="the preset naming the family's evaluation pipeline")
+    description: str = Field(
+        examples=[
+            "resize the short edge to 256 (pil bilinear), centre crop 224, mean [123.675, 116.28, 103.53], "
+            "std [58.395, 57.12, 57.375] (0-255)"
+        ]
+    )
+    scores: str = Field(examples=["softmax"], description="softmax, or sigmoid for a multi-label head")
+
+
 class ModelInfo(BaseModel):
     name: str
     aliases: list[str]
+    family: str = Field(examples=["torchvision"], description="torchvision, mmpretrain, onnx-zoo or onnx")
     architecture: str
+    preprocessing: Preprocessing
+    label_source: str = Field(examples=["ImageNet-1k synsets"], description="where the class labels come from")
+    embedding_dim: int = Field(examples=[2048], description="the length of /embed's vectors")
     parameters: int
     input_size: list[int]
     resize_size: int
@@ -127,3 +142,13 @@ PREDICT_REQUEST_BODY: dict[str, Any] = {
         },
     }
 }
+
+
+class Embeddings(BaseModel):
+    model: str
+    dim: int = Field(examples=[2048], description="the length of each embedding: 512 for ResNet-18/34, 2048 above")
+    normalized: bool = Field(description="whether each embedding was scaled to unit L2 norm (`?normalize=true`)")
+    embeddings: list[list[float]] = Field(
+        description="one embedding per image, in upload order: the globally pooled features the "
+        "classifier head reads (mmpretrain's `extract_feat`)"
+    )

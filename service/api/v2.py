@@ -221,7 +221,7 @@ async def _infer(request: Request, engine: Engine, pipeline: ModelPipeline) -> R
         images = await pipeline.prepare(decoded.images)
         tickets = pipeline.submit(reservation, images, deadline=deadline)
     results = await pipeline.results(tickets, deadline=deadline, client_gone=until_disconnect(request.receive))
-    probabilities = np.stack([p.numpy() for p in results]).astype(np.float32, copy=False)
+    probabilities = np.stack([r.probabilities.numpy() for r in results]).astype(np.float32, copy=False)
     content, header_length = codec.encode_response(pipeline.name, VERSION, decoded, probabilities, pipeline.labels)
     if header_length is None:
         return Response(content, media_type="application/json")

@@ -21,8 +21,8 @@ from service.engine.pipeline import ModelPipeline
 from service.engine.pools import Pools
 from service.errors import ModelNotFound, ServiceUnavailable
 from service.metrics import Metrics
-from service.models.catalog import find_spec
-from service.models.registry import LoadedModel
+from service.models.loaded import LoadedModel
+from service.models.sources import configured_names
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +45,8 @@ class Engine:
         self.phase = Phase.STARTING
         self.failure: str | None = None
         self.pipelines: dict[str, ModelPipeline] = {}
-        self.configured_models = {spec.name for name in plan.models if (spec := find_spec(name)) is not None}
+        # Every name a configured model answers to (its aliases too) → its canonical name.
+        self.model_names = configured_names(plan.models)
         self.pools = Pools(plan)
         self.drain_deadline: float | None = None  # time.monotonic() by which the drain must end
         self._trimmer: asyncio.Task[None] | None = None
@@ -66,7 +67,7 @@ class Engine:
         self.metrics.init_model(loaded.name, queue_capacity=self.plan.max_queue_size)
         self.metrics.model_info.labels(
             loaded.name,
-            loaded.spec.arch,
+            loaded.card.architecture,
             str(self.device),
             self.plan.dtype,
             loaded.weights.describe(),
@@ -124,8 +125,8 @@ class Engine:
     # -- lookups ------------------------------------------------------------------------------------
 
     def lookup(self, name: str) -> ModelPipeline:
-        spec = find_spec(name)
-        pipeline = self.pipelines.get(spec.name) if spec is not None else None
+        canonical = self.model_names.get(name)
+        pipeline = self.pipelines.get(canonical) if canonical is not None else None
         if pipeline is None:
             if self.phase in (Phase.STARTING, Phase.FAILED):
                 self.ensure_accepting()
@@ -136,10 +137,7 @@ class Engine:
     def metric_label(self, name: str) -> str:
         """The model label for a request's metrics: a configured model's canonical name, even before it
         has loaded; anything else is `unknown`, so a scan of random names cannot grow the label set."""
-        spec = find_spec(name)
-        if spec is not None and spec.name in self.configured_models:
-            return spec.name
-        return "unknown"
+        return self.model_names.get(name, "unknown")
 
     def ensure_accepting(self) -> None:
         if self.phase is Phase.READY:

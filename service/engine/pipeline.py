@@ -13,8 +13,6 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import torch
-
 from service.admission import Admission, Reservation
 from service.batching import MicroBatcher, Ticket
 from service.config import ServerPlan
@@ -23,7 +21,7 @@ from service.errors import ClientDisconnected, DeadlineExceeded, ServeError
 from service.imaging import ModelInput, inspect_jpeg, preprocess
 from service.metrics import Metrics
 from service.models.registry import LoadedModel
-from service.models.runner import Output
+from service.models.runner import ImageResult, Result
 from service.observers import GuardedObserver
 
 
@@ -43,7 +41,7 @@ class ModelPipeline:
         self._preprocess_seconds = metrics.preprocess_duration.labels(loaded.name)
         observer = GuardedObserver(metrics.observer(loaded.name), f"model {loaded.name}")
         self.admission = Admission(plan.max_queue_size, observer=observer)
-        self.batcher: MicroBatcher[ModelInput, Output] = MicroBatcher(
+        self.batcher: MicroBatcher[ModelInput, Result] = MicroBatcher(
             self._forward,
             admission=self.admission,
             max_batch_size=plan.max_batch_size,
@@ -95,8 +93,8 @@ class ModelPipeline:
 
     async def results(
         self, tickets: list[Ticket[Any, Any]], *, deadline: float, client_gone: Awaitable[Any]
-    ) -> list[torch.Tensor]:
-        """Every image's probabilities, in order. Gives up at the deadline, when the client goes away,
+    ) -> list[ImageResult]:
+        """Every image's probabilities and features, in order. Gives up at the deadline, when the client goes away,
         or when one image fails; the images of the request that have not run yet are then withdrawn,
         so that no forward computes what nobody will read (cancellation at shutdown included)."""
         loop = asyncio.get_running_loop()
@@ -140,15 +138,15 @@ class ModelPipeline:
         finally:
             self._preprocess_seconds.observe(time.perf_counter() - started)
 
-    async def _forward(self, images: list[ModelInput]) -> list[Output]:
+    async def _forward(self, images: list[ModelInput]) -> list[Result]:
         loop = asyncio.get_running_loop()
         runner = self.loaded.runner
         pools = self._pools
         pools.forwards += 1
         if pools.stage is pools.forward:
-            return await loop.run_in_executor(pools.forward, runner.predict, images)
+            return await loop.run_in_executor(pools.forward, runner.results, images)
         staged = await loop.run_in_executor(pools.stage, runner.stage, images)
-        return await loop.run_in_executor(pools.forward, runner.run, staged)
+        return await loop.run_in_executor(pools.forward, runner.run_results, staged)
 
 
 def _abandon(tickets: list[Ticket[Any, Any]], reason: str) -> None:

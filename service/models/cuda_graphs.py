@@ -9,6 +9,7 @@ input buffer, output buffer and memory pool, captured once at startup.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Generic, TypeVar
 
 import torch
 
@@ -16,12 +17,14 @@ import torch
 # its algorithms and the caching allocator settle, so nothing is allocated lazily during capture.
 _WARMUP_PASSES = 3
 
+Output = TypeVar("Output")  # a tensor, or a tuple of tensors: whatever the forward returns
 
-class GraphedForward:
+
+class GraphedForward(Generic[Output]):
     """`forward` captured for one input shape. Not thread-safe; the output is overwritten by the
     next replay, so the caller copies what it needs before calling again."""
 
-    def __init__(self, forward: Callable[[torch.Tensor], torch.Tensor], example: torch.Tensor) -> None:
+    def __init__(self, forward: Callable[[torch.Tensor], Output], example: torch.Tensor) -> None:
         if example.device.type != "cuda":
             raise ValueError("CUDA graphs need an input on a CUDA device")
         self._input = example.clone()
@@ -41,7 +44,7 @@ class GraphedForward:
     def batch_size(self) -> int:
         return int(self._input.shape[0])
 
-    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+    def __call__(self, batch: torch.Tensor) -> Output:
         if batch.shape != self._input.shape:
             raise ValueError(f"this graph was captured for {tuple(self._input.shape)}, got {tuple(batch.shape)}")
         # A copy on the current stream, so it is ordered after the previous replay's reads.

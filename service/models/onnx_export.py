@@ -14,6 +14,7 @@ lacks it is a startup error naming the directory.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import io
@@ -30,6 +31,7 @@ import torch
 from torch import nn
 
 from service.errors import StartupError
+from service.models.runtimes import without_head
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +41,7 @@ OPSET = 17
 EXPORTER = f"torch {torch.__version__} torchscript"
 INPUT_NAME = "data"  # as the ONNX model zoo's ResNets name it
 OUTPUT_NAME = "logits"
+FEATURES_NAME = "features"  # the pooled features the head reads: what /embed returns
 
 
 @dataclass(frozen=True)
@@ -49,15 +52,19 @@ class ExportKey:
     variant: str = "fp32"
     opset: int = OPSET
     exporter: str = EXPORTER
+    outputs: str = f"{OUTPUT_NAME}+{FEATURES_NAME}"
 
     @property
     def stem(self) -> str:
         exporter = self.exporter.replace(" ", "-")
         runtime = self.runtime.replace(" ", "-")
-        return f"{self.model}-{self.weights_sha256[:16]}-{self.variant}-opset{self.opset}-{exporter}-{runtime}"
+        outputs = self.outputs.replace("+", "-")
+        return (
+            f"{self.model}-{self.weights_sha256[:16]}-{self.variant}-{outputs}-opset{self.opset}-{exporter}-{runtime}"
+        )
 
     def derived(self, variant: str) -> ExportKey:
-        return ExportKey(self.model, self.weights_sha256, self.runtime, variant, self.opset, self.exporter)
+        return dataclasses.replace(self, variant=variant)
 
 
 @dataclass(frozen=True)
@@ -70,22 +77,36 @@ class CachedModel:
     num_parameters: int
 
 
+class _LogitsAndFeatures(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.body = without_head(model)
+        head = model.fc
+        assert isinstance(head, nn.Module)
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.body(x)
+        return self.head(features), features
+
+
 def export_onnx(module: nn.Module, *, input_size: int, model: str) -> bytes:
-    """The module as ONNX bytes: input `data` (N, 3, S, S) float32, output `logits`, N dynamic."""
+    """The module as ONNX bytes: input `data` (N, 3, S, S) float32, outputs `logits` and `features`
+    (the pooled features its head `fc` reads), N dynamic."""
     buffer = io.BytesIO()
     sample = torch.zeros(1, 3, input_size, input_size)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # the exporter's own deprecation notice
             torch.onnx.export(
-                module.eval(),
+                _LogitsAndFeatures(module.eval()),
                 (sample,),
                 buffer,  # type: ignore[arg-type]  # the TorchScript exporter writes to file objects too
                 dynamo=False,
                 opset_version=OPSET,
                 input_names=[INPUT_NAME],
-                output_names=[OUTPUT_NAME],
-                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                output_names=[OUTPUT_NAME, FEATURES_NAME],
+                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}, FEATURES_NAME: {0: "batch"}},
             )
     except Exception as exc:  # the exporter raises many types; each is a startup error for this model
         reason = str(exc).splitlines()[0] if str(exc) else ""

@@ -6,6 +6,7 @@ the session holds the only resident copy of the weights.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 from collections.abc import Callable
@@ -21,25 +22,40 @@ from service.models.onnx_runtime import OnnxRuntime, import_onnxruntime
 logger = logging.getLogger(__name__)
 
 
+# Makes a model's fp32 ONNX file: its bytes and parameter count. Called only on a cache miss.
+FileMaker = Callable[[], tuple[bytes, int]]
+
+
 def onnx_runtime(
     name: str,
     weights_sha256: str,
-    build_module: Callable[[], nn.Module],
+    build_module: Callable[[], nn.Module] | None,
     plan: ServerPlan,
     device: torch.device,
     preprocessing: Preprocessing,
+    *,
+    given_file: tuple[str, FileMaker] | None = None,
+    multi_label: bool = False,
 ) -> OnnxRuntime:
-    """`name`'s session on `device`; `build_module` is called only to export a file not yet cached."""
+    """`name`'s session on `device`. Its file is exported from `build_module()`, or with
+    `given_file` = (what made it, maker) derived from an ONNX file the user gave; either is called
+    only when the cache holds no file for these weights."""
     ort = import_onnxruntime(name)
     cache = ExportCache(plan.onnx_cache_dir)
     key = ExportKey(name, weights_sha256, runtime=f"onnxruntime {ort.__version__}")
 
     def export() -> tuple[bytes, int]:
+        assert build_module is not None
         module = build_module()
         logger.info("%s: exporting to ONNX (opset %d), once for these weights", name, key.opset)
         return export_onnx(module, input_size=preprocessing.crop_size, model=name), _parameters(module)
 
-    model = cache.get_or_create(key, export)
+    if given_file is not None:
+        maker_name, maker = given_file
+        key = dataclasses.replace(key, opset=0, exporter=maker_name)
+        model = cache.get_or_create(key, maker)
+    else:
+        model = cache.get_or_create(key, export)
     quantization = "none"
     if plan.quantize is Quantization.INT8:
         from service.models.quantize import calibration_images, quantize_int8
@@ -63,6 +79,7 @@ def onnx_runtime(
         file_sha256=model.sha256,
         num_parameters=model.num_parameters,
         quantization=quantization,
+        multi_label=multi_label,
     )
 
 

@@ -23,7 +23,7 @@ import torch
 from service import cores
 from service.errors import StartupError
 from service.imaging import Preprocessing
-from service.models.runtimes import ONNXRUNTIME, RuntimeInfo, channel_constants, normalise
+from service.models.runtimes import ONNXRUNTIME, RuntimeInfo, RuntimeOutputs, channel_constants, normalise
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +73,7 @@ class OnnxRuntime:
         file_sha256: str,
         num_parameters: int,
         quantization: str = "none",
+        multi_label: bool = False,
     ) -> None:
         ort = import_onnxruntime(name)
         self.device = device
@@ -99,14 +100,22 @@ class OnnxRuntime:
         except Exception as exc:  # onnxruntime raises its own exception types for bad files
             raise StartupError(f"{name}: onnxruntime cannot load {file}: {str(exc).splitlines()[0]}") from None
         inputs, outputs = self._session.get_inputs(), self._session.get_outputs()
-        if len(inputs) != 1 or len(outputs) < 1:
-            raise StartupError(f"{name}: {file} must take one image batch input; it has {len(inputs)} inputs")
+        if len(inputs) != 1 or len(outputs) != 2:
+            raise StartupError(
+                f"{name}: {file} must take one image batch and give logits and pooled features; "
+                f"it has {len(inputs)} inputs and {len(outputs)} outputs"
+            )
         self._input = inputs[0].name
-        self._output = outputs[0].name
-        classes = outputs[0].shape[-1]
-        if not isinstance(classes, int):
-            raise StartupError(f"{name}: {file}'s output has no fixed class count ({outputs[0].shape})")
+        self._outputs = [output.name for output in outputs]
+        classes, features = outputs[0].shape[-1], outputs[1].shape[-1]
+        if not isinstance(classes, int) or not isinstance(features, int):
+            raise StartupError(f"{name}: {file}'s outputs have no fixed sizes ({outputs[0].shape}, {outputs[1].shape})")
         self._num_classes = classes
+        self._scores = torch.sigmoid if multi_label else _softmax
+        self._feature_dim = features
+        # A file made for batch 1 only (some zoo files are) runs a batch one image at a time.
+        batch = inputs[0].shape[0]
+        self._fixed_batch = batch if isinstance(batch, int) else None
         self._num_parameters = num_parameters
         self._mean, self._std = channel_constants(preprocessing, device)
         self._info = RuntimeInfo(
@@ -130,27 +139,47 @@ class OnnxRuntime:
     def num_parameters(self) -> int:
         return self._num_parameters
 
-    @torch.inference_mode()
+    @property
+    def feature_dim(self) -> int:
+        return self._feature_dim
+
     def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.outputs(batch).probabilities
+
+    @torch.inference_mode()
+    def outputs(self, batch: torch.Tensor) -> RuntimeOutputs:
         x = normalise(batch, self._mean, self._std).contiguous()
-        logits = self._run_on_cuda(x) if self._on_cuda else torch.from_numpy(self._run_on_cpu(x))
-        return torch.softmax(logits, dim=1)
+        run = self._run_on_cuda if self._on_cuda else self._run_on_cpu
+        if self._fixed_batch is not None and x.shape[0] != self._fixed_batch:
+            parts = [run(part) for part in torch.split(x, self._fixed_batch)]
+            logits, features = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        else:
+            logits, features = run(x)
+        return RuntimeOutputs(self._scores(logits), features)
 
     def warm(self, batch: torch.Tensor) -> None:
-        self.probabilities(batch)
+        self.outputs(batch)
 
-    def _run_on_cpu(self, x: torch.Tensor) -> Any:
+    def _run_on_cpu(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # .numpy() shares the tensor's memory: the session reads the batch in place.
-        return self._session.run([self._output], {self._input: x.numpy()})[0]
+        logits, features = self._session.run(self._outputs, {self._input: x.numpy()})
+        return torch.from_numpy(logits), torch.from_numpy(features).flatten(1)
 
-    def _run_on_cuda(self, x: torch.Tensor) -> torch.Tensor:
-        logits = torch.empty((x.shape[0], self._num_classes), dtype=torch.float32, device=self.device)
+    def _run_on_cuda(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        count = x.shape[0]
+        logits = torch.empty((count, self._num_classes), dtype=torch.float32, device=self.device)
+        features = torch.empty((count, self._feature_dim), dtype=torch.float32, device=self.device)
         binding = self._session.io_binding()
         index = self.device.index or 0
         binding.bind_input(self._input, "cuda", index, np.float32, tuple(x.shape), x.data_ptr())
-        binding.bind_output(self._output, "cuda", index, np.float32, tuple(logits.shape), logits.data_ptr())
+        for name, tensor in zip(self._outputs, (logits, features), strict=True):
+            binding.bind_output(name, "cuda", index, np.float32, tuple(tensor.shape), tensor.data_ptr())
         self._session.run_with_iobinding(binding)
-        return logits
+        return logits, features
+
+
+def _softmax(logits: torch.Tensor) -> torch.Tensor:
+    return torch.softmax(logits, dim=1)
 
 
 def _in_a_compute_thread(create: Callable[[], T]) -> T:

@@ -11,7 +11,6 @@ import io
 import logging
 import urllib.error
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -21,13 +20,15 @@ from torch import nn
 
 from service.config import MissingWeightsPolicy, RuntimeChoice, ServerPlan
 from service.errors import StartupError
-from service.imaging import EncodedJpeg, Preprocessing, inspect_jpeg, preprocess
-from service.models.catalog import ModelSpec, find_spec, known_names
-from service.models.labels import labels_for
+from service.imaging import EncodedJpeg, Preprocessing, inspect_jpeg
+from service.models.building import make_runner, torch_runtime
+from service.models.catalog import ModelSpec
+from service.models.families.file_models import load_file_model, user_file
+from service.models.labels import find_labels
+from service.models.loaded import LoadedModel, ModelCard
 from service.models.onnx_loading import onnx_runtime
-from service.models.runner import ExecutionPlan, ModelRunner
 from service.models.runtimes import Runtime
-from service.models.torch_runtime import DTYPES, TorchRuntime
+from service.models.sources import catalog_specs, parse_models
 from service.models.weights import (
     Origin,
     VerifiedWeights,
@@ -47,27 +48,10 @@ __all__ = ["LoadedModel", "VerifiedWeights", "load_all", "load_model", "obtain_w
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class LoadedModel:
-    spec: ModelSpec
-    runner: ModelRunner
-    labels: tuple[str, ...]
-    preprocessing: Preprocessing
-    weights: WeightsFile
-    sha256: str
-    num_parameters: int
-
-    @property
-    def name(self) -> str:
-        return self.spec.name
-
-
 def resolve_specs(names: tuple[str, ...]) -> list[ModelSpec]:
+    """The catalog models among `names` (files given as NAME=PATH are checked, then left out)."""
     specs: list[ModelSpec] = []
-    for name in names:
-        spec = find_spec(name)
-        if spec is None:
-            raise StartupError(f"unknown model {name!r}; known models: {', '.join(known_names())}")
+    for spec in catalog_specs(parse_models(names)):
         if spec not in specs:
             specs.append(spec)
     return specs
@@ -92,8 +76,8 @@ def resolve_weights(settings: WeightsSettings) -> dict[str, VerifiedWeights]:
     """Obtain (find, fetch or write, per `--missing-weights`) and verify every configured model's
     weights once, keyed by model name: what `load_all` then loads without obtaining again."""
     resolved: dict[str, VerifiedWeights] = {}
-    for spec in resolve_specs(settings.models):
-        weights = obtain_weights(spec, settings)
+    for spec in parse_models(settings.models):
+        weights = obtain_weights(spec, settings) if isinstance(spec, ModelSpec) else user_file(spec)
         sha256 = verify(weights)
         logger.info("%s: %s (%s), sha256 %s", spec.name, weights.path, weights.describe(), sha256[:12])
         resolved[spec.name] = VerifiedWeights(weights, sha256)
@@ -145,30 +129,17 @@ def load_model(
         module = instantiate(spec, checkpoint.state_dict, weights.path)
         sha256 = checkpoint.sha256
         del checkpoint  # the module holds copies now: free the parsed tensors before the runtime is built
-        runtime = TorchRuntime(
-            module,
-            preprocessing,
-            device=device,
-            dtype=DTYPES[settings.dtype],
-            channels_last=settings.channels_last,
-            cuda_graphs=settings.cuda_graphs,
-            compile=settings.compile,
-        )
-    runner = ModelRunner(
-        runtime,
-        preprocessing,
-        device=device,
-        plan=ExecutionPlan(buckets=settings.batch_buckets, cuda_graphs=settings.cuda_graphs, compile=settings.compile),
-        host_preprocess=functools.partial(preprocess, spec=preprocessing, max_pixels=settings.max_image_pixels),
-    )
-    labels = labels_for(spec.name, weights.path, runner.num_classes)
+        runtime = torch_runtime(module, preprocessing, settings, device, multi_label=False)
+    runner = make_runner(runtime, preprocessing, settings, device)
+    labels = find_labels(spec.name, weights.path, runner.num_classes, "imagenet", indices_allowed=False)
     if weights.origin is Origin.RANDOM_INIT:
         _random_init_banner(spec.name, weights.path, weights.seed)
     logger.info("%s runs on %s (%s)", spec.name, runtime.info, device)
     return LoadedModel(
-        spec=spec,
+        name=spec.name,
+        card=ModelCard("torchvision", spec.arch, "torchvision", labels.source, spec.aliases),
         runner=runner,
-        labels=labels,
+        labels=labels.names,
         preprocessing=preprocessing,
         weights=weights,
         sha256=sha256,
@@ -192,16 +163,20 @@ def load_all(
     if settings.decode_on_device and device.type != "cuda":
         logger.warning("--decode-on-device on %s: JPEGs are decoded on the forward thread, which only slows it", device)
     loaded: dict[str, LoadedModel] = {}
-    for spec in resolve_specs(settings.models):
+    for spec in parse_models(settings.models):
         if weights is None:
-            found, expected_sha256 = obtain_weights(spec, settings), None
+            found = obtain_weights(spec, settings) if isinstance(spec, ModelSpec) else user_file(spec)
+            expected_sha256 = None
         else:
             given = weights.get(spec.name)
             if given is None:
                 raise StartupError(f"no verified weights were handed over for {spec.name}")
             found, expected_sha256 = given.weights, given.sha256
         logger.info("loading %s from %s (%s)", spec.name, found.path, found.describe())
-        model = load_model(spec, found, settings, device, expected_sha256=expected_sha256)
+        if isinstance(spec, ModelSpec):
+            model = load_model(spec, found, settings, device, expected_sha256=expected_sha256)
+        else:
+            model = load_file_model(spec, found, settings, device, expected_sha256=expected_sha256)
         sample = _sample_jpeg(model.preprocessing) if settings.decode_on_device else None
         model.runner.warm_up([1, settings.max_batch_size], jpeg=sample)
         loaded[spec.name] = model

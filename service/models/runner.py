@@ -14,6 +14,7 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import CancelledError, Executor, Future
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -24,7 +25,7 @@ from service.models.device_decode import decode_batch
 from service.models.runtimes import Runtime
 from service.models.torch_runtime import DTYPES, TorchRuntime
 
-__all__ = ["DTYPES", "ExecutionPlan", "ModelRunner", "Output", "StagedBatch", "pick_device"]
+__all__ = ["DTYPES", "ExecutionPlan", "ImageResult", "ModelRunner", "Output", "Result", "StagedBatch", "pick_device"]
 
 logger = logging.getLogger(__name__)
 
@@ -74,8 +75,19 @@ class StagedBatch:
     failures: Mapping[int, ServeError] = field(default_factory=dict)
 
 
-# An image's result: its class probabilities, or the error that failed it alone.
+# An image's class probabilities, or the error that failed it alone.
 Output = torch.Tensor | ServeError
+
+
+class ImageResult(NamedTuple):
+    """One image's forward on the CPU: what /predict reads and what /embed reads."""
+
+    probabilities: torch.Tensor  # (classes,)
+    features: torch.Tensor  # (feature_dim,)
+
+
+# An image's probabilities and features, or the error that failed it alone.
+Result = ImageResult | ServeError
 
 
 class ModelRunner:
@@ -155,10 +167,18 @@ class ModelRunner:
     def num_classes(self) -> int:
         return self.runtime.num_classes
 
+    @property
+    def feature_dim(self) -> int:
+        return self.runtime.feature_dim
+
     def predict(self, images: Sequence[ModelInput]) -> list[Output]:
         """Probabilities (float32, on the CPU) for each image, in order: a (3, H, W) uint8 tensor, or
         an `EncodedJpeg` to decode on the device."""
         return self.run(self.stage(images))
+
+    def results(self, images: Sequence[ModelInput]) -> list[Result]:
+        """`predict`, with each image's pooled features beside its probabilities."""
+        return self.run_results(self.stage(images))
 
     def stage(self, images: Sequence[ModelInput]) -> StagedBatch:
         count = len(images)
@@ -228,15 +248,19 @@ class ModelRunner:
         except ServeError as exc:
             return exc
 
-    @torch.inference_mode()
     def run(self, staged: StagedBatch) -> list[Output]:
-        batch = self._ready(staged)
-        probabilities = self.runtime.probabilities(batch)
+        return [r if isinstance(r, ServeError) else r.probabilities for r in self.run_results(staged)]
+
+    @torch.inference_mode()
+    def run_results(self, staged: StagedBatch) -> list[Result]:
+        outputs = self.runtime.outputs(self._ready(staged))
         # .cpu() waits for the device, so the caller's timing includes the whole forward.
-        outputs: list[Output] = list(probabilities[: staged.count].cpu().unbind(0))
+        probabilities = outputs.probabilities[: staged.count].cpu().unbind(0)
+        features = outputs.features[: staged.count].cpu().unbind(0)
+        results: list[Result] = [ImageResult(p, f) for p, f in zip(probabilities, features, strict=True)]
         for index, error in staged.failures.items():
-            outputs[index] = error
-        return outputs
+            results[index] = error
+        return results
 
     def _ready(self, staged: StagedBatch) -> torch.Tensor:
         """The staged images, once their copy to the device is done (as seen from the compute stream)."""

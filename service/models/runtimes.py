@@ -8,12 +8,14 @@ of models/").
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
+from torch import nn
 
 from service.imaging import Preprocessing
 
@@ -40,6 +42,13 @@ class RuntimeInfo:
         return f"{self.name} {self.version}"
 
 
+class RuntimeOutputs(NamedTuple):
+    """A batch's forward: what /predict reads and what /embed reads, from one pass."""
+
+    probabilities: torch.Tensor  # (N, classes) float32
+    features: torch.Tensor  # (N, feature_dim) float32: the pooled features the classifier head reads
+
+
 class Runtime(Protocol):
     """One model on one device. `probabilities` may run on one thread at a time."""
 
@@ -52,8 +61,15 @@ class Runtime(Protocol):
     @property
     def num_parameters(self) -> int: ...
 
+    @property
+    def feature_dim(self) -> int: ...
+
+    def outputs(self, batch: torch.Tensor) -> RuntimeOutputs:
+        """(N, 3, H, W) uint8 on the runtime's device → probabilities and pooled features there."""
+        ...
+
     def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) uint8 on the runtime's device → (N, classes) float32 probabilities there."""
+        """`outputs(batch).probabilities`."""
         ...
 
     def warm(self, batch: torch.Tensor) -> None:
@@ -77,3 +93,14 @@ def channel_constants(preprocessing: Preprocessing, device: torch.device) -> tup
     mean = torch.tensor(preprocessing.mean, device=device).view(1, 3, 1, 1)
     std = torch.tensor(preprocessing.std, device=device).view(1, 3, 1, 1)
     return mean, std
+
+
+def without_head(model: nn.Module) -> nn.Module:
+    """`model` with its classifier head replaced by an identity: what it returns is the pooled
+    features the head reads. Every served architecture keeps its head in `fc` and applies it last,
+    as torchvision's ResNet does. A shallow copy: the layers (and their weights) are shared, and
+    `model` itself keeps its head."""
+    body = copy.copy(model)
+    body._modules = dict(model._modules)
+    body.fc = nn.Identity()
+    return body

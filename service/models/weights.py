@@ -113,6 +113,12 @@ def load_checkpoint(weights: WeightsFile, *, expected_sha256: str | None = None)
     """Read the file once, hash those bytes and parse the state dict from the same bytes, so that a
     file replaced on disk meanwhile never loads unverified. With `expected_sha256` (from an earlier
     `verify`), bytes that hash differently are refused."""
+    data, digest = read_verified(weights, expected_sha256=expected_sha256)
+    return Checkpoint(_parse_state_dict(data, weights.path), digest)
+
+
+def read_verified(weights: WeightsFile, *, expected_sha256: str | None = None) -> tuple[bytes, str]:
+    """The file's bytes and their sha256, read once; refused if they are not the expected ones."""
     data = _read(weights.path)
     digest = hashlib.sha256(data).hexdigest()
     if expected_sha256 is not None and digest != expected_sha256:
@@ -121,7 +127,7 @@ def load_checkpoint(weights: WeightsFile, *, expected_sha256: str | None = None)
             f"then, {digest[:12]} now); restart the server to verify it again"
         )
     _check_official(weights, digest)
-    return Checkpoint(_parse_state_dict(data, weights.path), digest)
+    return data, digest
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:

@@ -130,14 +130,14 @@ async def test_deadline_passing_in_the_queue_is_504_and_never_computed(serve, ph
     async with serve(request_timeout_s=0.2, max_batch_size=1) as served:
         runner = served.engine.pipelines["resnet18v1"].loaded.runner
         gate = asyncio.Event()
-        original = runner.predict
+        original = runner.results
         loop = asyncio.get_running_loop()
 
         def slow(images):
             asyncio.run_coroutine_threadsafe(gate.wait(), loop).result(timeout=10)
             return original(images)
 
-        runner.predict = slow
+        runner.results = slow
         try:
             first = asyncio.create_task(served.http.post("/resnet18v1/predict", **upload(photos["kitten.jpg"])))
             second = asyncio.create_task(served.http.post("/resnet18v1/predict", **upload(photos["coffee.jpg"])))
@@ -145,7 +145,7 @@ async def test_deadline_passing_in_the_queue_is_504_and_never_computed(serve, ph
             gate.set()
             responses = await asyncio.gather(first, second)
         finally:
-            del runner.predict
+            del runner.results
         assert [error_of(r)[:2] for r in responses] == [(504, "DeadlineExceeded")] * 2
         metrics = (await served.http.get("/metrics")).text
         # The first was already in its forward when time ran out; the second never ran.
@@ -157,7 +157,7 @@ async def test_a_failing_forward_fails_only_its_batch(serve, photos):
     async with serve() as served:
         runner = served.engine.pipelines["resnet18v1"].loaded.runner
         calls = {"n": 0}
-        original = runner.predict
+        original = runner.results
 
         def flaky(images):
             calls["n"] += 1
@@ -165,12 +165,12 @@ async def test_a_failing_forward_fails_only_its_batch(serve, photos):
                 raise RuntimeError("injected fault at /secret/path.py")
             return original(images)
 
-        runner.predict = flaky
+        runner.results = flaky
         try:
             failed = await served.http.post("/resnet18v1/predict", **upload(photos["kitten.jpg"]))
             recovered = await served.http.post("/resnet18v1/predict", **upload(photos["kitten.jpg"]))
         finally:
-            del runner.predict
+            del runner.results
         assert error_of(failed)[:2] == (500, "InferenceFailed")
         assert "/secret" not in failed.text and "Traceback" not in failed.text
         assert recovered.status_code == 200
@@ -219,10 +219,10 @@ async def test_device_out_of_memory_is_507_for_that_batch_only(serve, photos):
         def out_of_memory(images):
             raise InsufficientStorage("the GPU is out of memory even for a single image")
 
-        runner.predict = out_of_memory
+        runner.results = out_of_memory
         try:
             failed = await served.http.post("/resnet18v1/predict", **upload(photos["kitten.jpg"]))
         finally:
-            del runner.predict
+            del runner.results
         assert error_of(failed)[:2] == (507, "InsufficientStorage")
         assert (await served.http.post("/resnet18v1/predict", **upload(photos["kitten.jpg"]))).status_code == 200

@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 
 from service.api.app import create_app
 from service.models.catalog import CATALOG
+from service.models.runner import ImageResult
 
 from .conftest import cached_loader, error_of, upload
 
@@ -45,7 +46,7 @@ class GatedForward:
         self.gate = asyncio.Event()
         self.entered = asyncio.Event()
         self.batches: list[int] = []
-        self._original = runner.predict
+        self._original = runner.results
 
     def __call__(self, images: list[Any]) -> Any:
         self.batches.append(len(images))
@@ -55,12 +56,12 @@ class GatedForward:
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[GatedForward]:
-        self.runner.predict = self
+        self.runner.results = self
         try:
             yield self
         finally:
             self.gate.set()
-            del self.runner.predict
+            del self.runner.results
 
 
 async def until(condition: Callable[[], bool], timeout_s: float = 30.0) -> None:
@@ -183,11 +184,13 @@ async def test_item11_an_early_refusal_does_not_ask_a_100_continue_client_for_it
 async def test_item13_a_response_that_cannot_render_is_counted_as_500(serve, photos):
     async with serve() as served:
         runner = served.engine.pipelines["resnet18v1"].loaded.runner
-        runner.predict = lambda images: [torch.full((1000,), float("nan")) for _ in images]
+        runner.results = lambda images: [
+            ImageResult(torch.full((1000,), float("nan")), torch.zeros(512)) for _ in images
+        ]
         try:
             response = await served.http.post("/resnet18v1/predict", **upload(photos["kitten.jpg"]))
         finally:
-            del runner.predict
+            del runner.results
         code, type_, message = error_of(response)
         assert (code, type_) == (500, "InferenceFailed") and "non-finite" in message
         text = (await served.http.get("/metrics")).text
@@ -202,12 +205,12 @@ async def test_item13_images_dropped_with_a_failed_batch_are_not_counted_as_dead
         def failing(images: list[Any]) -> Any:
             raise RuntimeError("injected fault")
 
-        runner.predict = failing
+        runner.results = failing
         try:
             body = multipart(photos["kitten.jpg"], photos["coffee.jpg"], photos["astronaut.jpg"])
             response = await served.http.post("/resnet18v1/predict", content=body, headers=MULTIPART)
         finally:
-            del runner.predict
+            del runner.results
         assert error_of(response)[:2] == (500, "InferenceFailed")
         text = (await served.http.get("/metrics")).text
         assert metric(text, 'resnet_serve_rejected_total{model="resnet18v1",reason="deadline"}') == 0
