@@ -68,6 +68,8 @@ def test_cifar_takes_32x32_as_is_and_resizes_a_photo_like_the_others():
         ("resnet18_b16x8_cifar10_20210528-bd6371c8.pth", True, 10, "cifar10"),
         ("my_cifar_net.pth", True, 100, "cifar100"),
         ("resnetv1d50_b32x8_imagenet_20210531-db14775a.pth", False, 1000, "mmpretrain-in1k"),
+        ("wide-resnet50_3rdparty_8xb32_in1k_20220304-66678344.pth", False, 1000, "mmpretrain-pil"),
+        ("wide-resnet50_3rdparty-timm_8xb32_in1k_20220304-83ae4399.pth", False, 1000, "mmpretrain-pil-bicubic"),
     ],
 )
 def test_released_file_names_pick_their_pipeline(file_name, cifar, classes, preset):

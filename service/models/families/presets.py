@@ -6,6 +6,7 @@ name and class count (`guess_preset`). docs/models.md says where each differs fr
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from enum import StrEnum
@@ -81,9 +82,34 @@ PRESETS: dict[str, Preset] = {
             LabelSet.IMAGENET,
         ),
         Preset(
+            "gluon",
+            "the zoo's Gluon validation notebook: Resize(256) (both sides, OpenCV bilinear), CenterCrop(224)",
+            Preprocessing(
+                resize_size=256, crop_size=224, antialias=False, backend=ResizeBackend.OPENCV, mode=ResizeMode.SQUARE
+            ),
+            LabelSet.IMAGENET,
+        ),
+        Preset(
             "mmpretrain-in1k",
             "mmpretrain configs/_base_/datasets/imagenet_bs32.py: ResizeEdge(256, short, cv2), CenterCrop(224)",
             _MMPRETRAIN_IN1K,
+            LabelSet.IMAGENET,
+        ),
+        Preset(
+            "mmpretrain-pil",
+            "mmpretrain imagenet_bs32_pil_resize.py (the converted wide ResNets): ResizeEdge(256, short, pillow)",
+            dataclasses.replace(_MMPRETRAIN_IN1K, backend=ResizeBackend.PIL, antialias=True),
+            LabelSet.IMAGENET,
+        ),
+        Preset(
+            "mmpretrain-pil-bicubic",
+            "mmpretrain imagenet_bs32_pil_bicubic.py (timm's wide ResNet-50): ResizeEdge(256, short, pillow, bicubic)",
+            dataclasses.replace(
+                _MMPRETRAIN_IN1K,
+                backend=ResizeBackend.PIL,
+                antialias=True,
+                interpolation=InterpolationMode.BICUBIC,
+            ),
             LabelSet.IMAGENET,
         ),
         Preset(
@@ -138,6 +164,8 @@ def preset_named(name: str, model: str) -> Preset:
 
 # mmpretrain's released file names say which pipeline trained them.
 _BY_FILE_NAME = (
+    (re.compile(r"wide-resnet.*timm"), "mmpretrain-pil-bicubic"),
+    (re.compile(r"wide-resnet"), "mmpretrain-pil"),
     (re.compile(r"rsb-a[123]"), "rsb"),
     (re.compile(r"_cub"), "cub"),
     (re.compile(r"mill_in21k|in21k"), "mill-in21k"),
