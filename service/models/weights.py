@@ -151,14 +151,22 @@ def _read(path: Path) -> bytes:
 
 
 def _parse_state_dict(data: bytes, path: Path) -> dict[str, torch.Tensor]:
+    from service.models.families.mmpretrain import numpy_pickle_allowed
+
     try:
         if path.suffix == ".safetensors":
             return safetensors.torch.load(data)
-        loaded = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        # mmpretrain (mmengine) checkpoints carry numpy scalars and arrays in their `meta`: allow the
+        # numpy reconstructors those need, and still no other global.
+        with numpy_pickle_allowed():
+            loaded = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except (SafetensorError, RuntimeError, OSError, EOFError, ValueError) as exc:
         raise StartupError(f"{path} is not a readable checkpoint ({_first_line(exc)})") from None
     except Exception as exc:  # pickle errors come in many types; weights_only refusals too
-        raise StartupError(f"{path} is not a plain-tensor checkpoint ({_first_line(exc)})") from None
+        # torch's refusal names the global the file asked for a few lines below its first
+        lines = [line.strip() for line in str(exc).splitlines() if "WeightsUnpickler error" in line]
+        reason = lines[0].split(". ")[0] if lines else _first_line(exc)
+        raise StartupError(f"{path} is not a plain-tensor checkpoint ({reason})") from None
     return _unwrap_state_dict(loaded, path)
 
 
