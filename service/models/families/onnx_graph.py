@@ -80,10 +80,16 @@ class Constants:
     def names(self) -> set[str]:
         return set(self._initializers)
 
+    def shape(self, name: str) -> tuple[int, ...] | None:
+        """A constant's shape, read without converting its data."""
+        name = self._source(name)
+        if name in self._initializers:
+            return tuple(self._initializers[name].dims)
+        value = self.get(name)
+        return None if value is None else value.shape
+
     def get(self, name: str) -> np.ndarray | None:
-        seen = 0
-        while name in self._identities and seen < 16:
-            name, seen = self._identities[name], seen + 1
+        name = self._source(name)
         if name in self._initializers:
             return numpy_helper.to_array(self._initializers[name])
         node = self._constant_nodes.get(name)
@@ -92,6 +98,13 @@ class Constants:
                 if attribute.name == "value":
                     return numpy_helper.to_array(attribute.t)
         return None
+
+    def _source(self, name: str) -> str:
+        for _ in range(16):  # Identity chains are short; the bound only guards against a cycle
+            if name not in self._identities:
+                break
+            name = self._identities[name]
+        return name
 
 
 def attribute(node: onnx.NodeProto, name: str, default: Any) -> Any:

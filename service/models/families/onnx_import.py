@@ -73,8 +73,7 @@ def recognise_zoo(model: onnx.ModelProto, path: Path) -> ZooArch:
     kernels: dict[int, int] = {}
     for node in nodes:
         if node.op_type == "Conv":
-            weight = constants.get(node.input[1])
-            shape = weight.shape if weight is not None else tuple(attribute(node, "kernel_shape", ()))
+            shape = constants.shape(node.input[1]) or tuple(attribute(node, "kernel_shape", ()))
             size = int(shape[-1]) if len(shape) >= 2 else 0
             kernels[size] = kernels.get(size, 0) + 1
     depth = _depth(kernels)
@@ -199,7 +198,7 @@ def _fit(node: onnx.NodeProto, module: nn.Module, constants: Constants) -> str |
     assert isinstance(module, nn.BatchNorm2d)
     if node.op_type != "BatchNormalization":
         return f"a {node.op_type} where a BatchNormalization of {module.num_features} channels belongs"
-    values = [constants.get(name) if name else None for name in list(node.input[1:5]) + [""] * (5 - len(node.input))]
+    values = _bn_values(node, constants)
     wanted = (module.num_features,)
     for label, value in zip(("scale", "bias", "mean", "variance"), values, strict=True):
         optional = label in ("scale", "bias") and not module.affine
@@ -219,11 +218,11 @@ def _conv_fit(node: onnx.NodeProto, module: nn.Conv2d, constants: Constants) -> 
     wanted = tuple(module.weight.shape)
     if node.op_type != "Conv":
         return f"a {node.op_type} where a Conv with weight {wanted} belongs"
-    weight = constants.get(node.input[1])
-    if weight is None:
+    shape = constants.shape(node.input[1])
+    if shape is None:
         return "its weight is not a constant"
-    if weight.shape != wanted:
-        return f"weight {weight.shape}, expected {wanted}"
+    if shape != wanted:
+        return f"weight {shape}, expected {wanted}"
     bias = constants.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
     if bias is not None and np.any(bias != 0):
         return "a bias, where Gluon's ResNet v2 convolutions have none"
@@ -257,7 +256,7 @@ def _load(node: onnx.NodeProto, module: nn.Module, constants: Constants) -> None
             module.weight.copy_(_tensor(constants.get(node.input[1])))
             return
         assert isinstance(module, nn.BatchNorm2d)
-        scale, bias, mean, variance = (constants.get(name) if name else None for name in node.input[1:5])
+        scale, bias, mean, variance = _bn_values(node, constants)
         if module.affine:
             module.weight.copy_(_tensor(scale).reshape(-1))
             module.bias.copy_(_tensor(bias).reshape(-1))
@@ -268,6 +267,12 @@ def _load(node: onnx.NodeProto, module: nn.Module, constants: Constants) -> None
         module.eps = float(attribute(node, "epsilon", ONNX_BN_EPSILON))
         # ONNX's momentum weighs the running value, torch's the new batch: Gluon's 0.9 is torch's 0.1.
         module.momentum = 1.0 - float(attribute(node, "momentum", ONNX_BN_MOMENTUM))
+
+
+def _bn_values(node: onnx.NodeProto, constants: Constants) -> list[np.ndarray | None]:
+    """A BatchNormalization's scale, bias, mean and variance; None for one absent or not constant."""
+    names = [*node.input[1:5], "", "", "", ""][:4]
+    return [constants.get(name) if name else None for name in names]
 
 
 def _tensor(value: np.ndarray | None) -> torch.Tensor:
