@@ -20,6 +20,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.transforms import InterpolationMode
 
 from service.errors import InvalidInput, UnsupportedMediaType
+from service.opencv_resize import implementation as opencv_implementation
+from service.opencv_resize import opencv_bilinear
 
 # Formats a photo upload can be in (JPEG covers MPO). Leaving out EPS matters: Pillow renders it with Ghostscript.
 ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "PPM", "ICO")
@@ -72,7 +74,8 @@ class Preprocessing:
             resize = f"resize to {self.resize_size}x{self.resize_size}"
         else:
             resize = f"resize the short edge to {self.resize_size}"
-        method = f"{self.backend.value} {self.interpolation.value}" + ("" if self.antialias else ", no antialias")
+        backend = opencv_implementation() if self.backend is ResizeBackend.OPENCV else "Pillow"
+        method = f"{backend}, {self.interpolation.value}" + ("" if self.antialias else ", no antialias")
         mean = ", ".join(f"{m * 255:g}" for m in self.mean)
         std = ", ".join(f"{s * 255:g}" for s in self.std)
         return f"{resize} ({method}), centre crop {self.crop_size}, mean [{mean}], std [{std}] (0-255)"
@@ -163,7 +166,7 @@ def to_model_input(image: Image.Image, spec: Preprocessing, *, max_pixels: int) 
     if size is None:
         cropped = F.center_crop(image, [spec.crop_size])
     elif spec.backend is ResizeBackend.OPENCV:
-        cropped = F.center_crop(_opencv_bilinear(F.pil_to_tensor(image), size), [spec.crop_size])
+        cropped = F.center_crop(opencv_bilinear(F.pil_to_tensor(image), size), [spec.crop_size])
     else:
         resized = F.resize(image, list(size), interpolation=spec.interpolation, antialias=spec.antialias)
         cropped = F.center_crop(resized, [spec.crop_size])
@@ -182,18 +185,6 @@ def _resized_size(width: int, height: int, spec: Preprocessing) -> tuple[int, in
     if width <= height:
         return int(target * height / width), target
     return target, int(target * width / height)
-
-
-def _opencv_bilinear(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """OpenCV's `resize(INTER_LINEAR)` on uint8 CHW: the same half-pixel sampling of the 2x2 nearest
-    source pixels and no antialiasing. OpenCV computes in 11-bit fixed point, this in float32, so a
-    pixel may differ by one level (docs/models.md measures it)."""
-    if tuple(image.shape[1:]) == size:
-        return image
-    resized = torch.nn.functional.interpolate(
-        image.unsqueeze(0).float(), size=size, mode="bilinear", align_corners=False, antialias=False
-    )
-    return resized.squeeze(0).round_().clamp_(0, 255).to(torch.uint8)
 
 
 def preprocess(data: bytes, spec: Preprocessing, *, max_pixels: int) -> torch.Tensor:

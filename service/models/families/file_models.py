@@ -124,7 +124,11 @@ def _recognise_checkpoint(request: FileModel, state_dict: dict[str, torch.Tensor
     if mmpretrain.looks_like_mmpretrain(state_dict):
         arch = mmpretrain.recognise(state_dict, path)
         preset_name = request.preset or guess_preset(
-            "mmpretrain", path.name, cifar_stem=arch.backbone == "ResNet_CIFAR", num_classes=arch.num_classes
+            "mmpretrain",
+            path.name,
+            backbone=arch.backbone,
+            wide=arch.base_channels != 64,
+            num_classes=arch.num_classes,
         )
         preset = preset_named(preset_name, request.name)
         return _Recognised("mmpretrain", arch.name, preset, lambda: mmpretrain.build(arch, state_dict, path))

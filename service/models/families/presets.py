@@ -42,6 +42,7 @@ class Preset:
 
 
 _TORCHVISION = Preprocessing()
+# mmpretrain's imagenet_bs32.py: ResizeEdge(256, short) with mmcv's default cv2 backend.
 _MMPRETRAIN_IN1K = Preprocessing(
     resize_size=256,
     crop_size=224,
@@ -134,8 +135,9 @@ PRESETS: dict[str, Preset] = {
         ),
         Preset(
             "mill-in21k",
-            "mmpretrain's ImageNet pipeline (the mill checkpoint ships no test pipeline of its own); multi-label",
-            _MMPRETRAIN_IN1K,
+            "none ships with the checkpoint: Alibaba-MIIL's ImageNet-21K-P convention (pillow bilinear 256, "
+            "crop 224, pixels in 0-1 with no mean or std), multi-label sigmoid scores",
+            Preprocessing(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)),
             LabelSet.NONE,
             multi_label=True,
         ),
@@ -166,6 +168,7 @@ def preset_named(name: str, model: str) -> Preset:
 _BY_FILE_NAME = (
     (re.compile(r"wide-resnet.*timm"), "mmpretrain-pil-bicubic"),
     (re.compile(r"wide-resnet"), "mmpretrain-pil"),
+    (re.compile(r"resnetv1[cd]"), "mmpretrain-pil"),
     (re.compile(r"rsb-a[123]"), "rsb"),
     (re.compile(r"_cub"), "cub"),
     (re.compile(r"mill_in21k|in21k"), "mill-in21k"),
@@ -174,17 +177,19 @@ _BY_FILE_NAME = (
 )
 
 
-def guess_preset(family: str, file_name: str, *, cifar_stem: bool, num_classes: int) -> str:
-    """The preset a file most likely needs: from mmpretrain's release names, then its shape."""
-    if family == "onnx-zoo":
-        return "onnx-zoo"
-    if family == "torchvision":
-        return "torchvision"
+def guess_preset(family: str, file_name: str, *, backbone: str = "ResNet", wide: bool = False, num_classes: int) -> str:
+    """The preset a file most likely needs: from mmpretrain's release names, then its architecture
+    (mmpretrain evaluates V1c, V1d and the wide ResNets with Pillow's resize, the others with
+    OpenCV's) and class count."""
+    if family in ("onnx-zoo", "torchvision"):
+        return family
     for pattern, preset in _BY_FILE_NAME:
         if pattern.search(file_name):
             return preset
-    if cifar_stem:
+    if backbone == "ResNet_CIFAR":
         return "cifar100" if num_classes == 100 else "cifar10"
     if num_classes == 200:
         return "cub"
+    if wide or backbone in ("ResNetV1c", "ResNetV1d"):
+        return "mmpretrain-pil"
     return "mmpretrain-in1k"
