@@ -163,9 +163,9 @@ def _parse_state_dict(data: bytes, path: Path) -> dict[str, torch.Tensor]:
     except (SafetensorError, RuntimeError, OSError, EOFError, ValueError) as exc:
         raise StartupError(f"{path} is not a readable checkpoint ({_first_line(exc)})") from None
     except Exception as exc:  # pickle errors come in many types; weights_only refusals too
-        # torch's refusal names the global the file asked for a few lines below its first
-        lines = [line.strip() for line in str(exc).splitlines() if "WeightsUnpickler error" in line]
-        reason = lines[0].split(". ")[0] if lines else _first_line(exc)
+        # torch's refusal names the global or type the file asked for after this marker, lines below its first
+        _, marker, detail = str(exc).partition("WeightsUnpickler error:")
+        reason = detail.strip().split("\n")[0].split(". ")[0][:300] if marker else _first_line(exc)
         raise StartupError(f"{path} is not a plain-tensor checkpoint ({reason})") from None
     return _unwrap_state_dict(loaded, path)
 

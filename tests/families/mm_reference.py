@@ -1,8 +1,8 @@
 """mmpretrain itself as the reference: seeded random checkpoints in its own format, its forward and
 features, and its own test pipeline on a JPEG.
 
-Checkpoints are written as mmengine writes published ones: `{"meta": ..., "state_dict": ...}` via
-mmengine's `save_checkpoint`, with numpy objects in `meta` as real files carry them.
+Checkpoints are written as mmengine writes published ones (its `save_checkpoint` is `torch.save` of
+`{"meta": ..., "state_dict": ...}`), with numpy objects in `meta` as real files carry them.
 """
 
 from __future__ import annotations
@@ -83,17 +83,20 @@ def make_mm_checkpoint(
     """A seeded random mmpretrain classifier (eval, CPU) and the `.pth` it was saved to.
 
     Every weight and BN statistic is random (mmpretrain's own init zeroes the last BN of each block,
-    which would hide a wrong block). With `peaked`, the head is centred and scaled on `probe` (by
-    default two seeded noise images of `input_size`) so that each probe image's top-1 probability is
-    about 0.9: pass real photos as the probe to get distinct, confident answers on them."""
+    which would hide a wrong block). With `peaked`, the head is centred on the probe's mean feature
+    and scaled until each probe image's top-1 probability is at least 0.9 (the least of them about
+    0.9). The probe is by default two seeded smooth random images of `input_size` (default 32 for
+    ResNet_CIFAR, else 224); pass real photos, normalised as the server will, to get distinct,
+    confident answers on them."""
     generator = torch.Generator().manual_seed(seed)
     model = build_mm_classifier(backbone, depth, num_classes, **backbone_kwargs)
     _randomise(model, generator)
     model.eval()  # not chained: mmpretrain's ResNet.eval() returns None
     if peaked:
         size = input_size or (32 if backbone == "ResNet_CIFAR" else 224)
-        if probe is None:
-            probe = torch.randn(2, 3, size, size, generator=generator)
+        if probe is None:  # smooth colour fields: white noise pools to nearly one feature vector
+            coarse = torch.randn(2, 3, 7, 7, generator=generator) * 1.5
+            probe = nn.functional.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
         _peak_head(model, probe, generator)
     name = file_name or f"{backbone.lower()}{depth}_{num_classes}c_seed{seed}.pth"
     path = directory / name
