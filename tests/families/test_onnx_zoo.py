@@ -200,6 +200,24 @@ def test_import_matches_a_shortcut_listed_after_its_sibling(zoo_file: ZooFile, t
     np.testing.assert_allclose(logits, run(path, batch)[0], atol=TOLERANCE, rtol=0)
 
 
+def test_a_file_that_lists_its_initializers_as_inputs(zoo_file: ZooFile, tmp_path: Path) -> None:
+    """The zoo's opset-7 files list every initializer among the graph's inputs, as IR version 3 required."""
+    model = _copy(read_model(zoo_file("v2", 18)))
+    model.graph.input.extend(
+        helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims))
+        for tensor in model.graph.initializer
+    )
+    path = _save(model, tmp_path / "old-style.onnx")
+    assert len(session(path).get_overridable_initializers()) > 50  # inputs with a default value
+    graph = inspect_classifier(model, path)
+    assert (graph.input_name, graph.num_classes) == ("data", 1000)
+    assert recognise_zoo(model, path) == ZooArch("v2", 18, 1000, 224)
+    batch = images(1, seed=7)
+    with torch.inference_mode():
+        logits = import_resnet_v2(model, path)(torch.from_numpy(batch)).numpy()
+    np.testing.assert_allclose(logits, run(path, batch)[0], atol=TOLERANCE, rtol=0)
+
+
 @pytest.mark.parametrize(("version", "depth"), [("v2", 101), ("v1", 152)])
 def test_recognises_deep_zoo_files(zoo_file: ZooFile, version: str, depth: int) -> None:
     path = zoo_file(version, depth, peaked=False, num_classes=10)
