@@ -116,6 +116,8 @@ def attribute(node: onnx.NodeProto, name: str, default: Any) -> Any:
 
 
 def inspect_classifier(model: onnx.ModelProto, path: Path) -> ClassifierGraph:
+    """The classifier's names and sizes; a one-line StartupError naming `path` where the input is
+    not one float N x 3 x S x S image batch or no dense head computes the output."""
     graph = model.graph
     constants = Constants(graph)
     input_name, fixed_batch, input_size = _image_input(graph, constants.names(), path)

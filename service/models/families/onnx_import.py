@@ -65,6 +65,7 @@ def topological_order(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
 
 
 def recognise_zoo(model: onnx.ModelProto, path: Path) -> ZooArch:
+    """Which zoo ResNet the graph is (version, depth, classes, input size), from its structure."""
     classifier = inspect_classifier(model, path)
     graph = model.graph
     nodes = topological_order(graph)
