@@ -38,7 +38,10 @@ class Settings(BaseSettings):
     # NoDecode: the env var is a comma list (`resnet18v1,resnet50v1`), not JSON.
     models: Annotated[
         tuple[str, ...],
-        Field(min_length=1, description="comma-separated models to load, e.g. resnet18v1,resnet50v1"),
+        Field(
+            min_length=1,
+            description="comma-separated models: catalog names (resnet18v1) or files as NAME=PATH[#preset]",
+        ),
         NoDecode,
     ] = DEFAULT_MODELS
     weights_dir: Annotated[Path, Field(description="directory holding the weights files")] = Path("weights")
