@@ -99,7 +99,8 @@ def export_onnx(module: nn.Module, *, input_size: int, model: str) -> bytes:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # the exporter's own deprecation notice
             torch.onnx.export(
-                _LogitsAndFeatures(module.eval()),
+                # eval() on the wrapper too: the exporter restores the mode it found, on the shared layers
+                _LogitsAndFeatures(module).eval(),
                 (sample,),
                 buffer,  # type: ignore[arg-type]  # the TorchScript exporter writes to file objects too
                 dynamo=False,

@@ -24,7 +24,7 @@ from torch import nn
 
 from service.errors import StartupError
 from service.models.families.mmpretrain import MmResNetArch, build, looks_like_mmpretrain, recognise
-from service.models.onnx_export import INPUT_NAME, export_onnx
+from service.models.onnx_export import INPUT_NAME, OUTPUT_NAME, export_onnx
 from service.models.weights import read_state_dict
 from tests.conftest import KITTEN
 from tests.families.mm_reference import (
@@ -173,7 +173,7 @@ def test_the_module_exports_to_onnx_and_onnxruntime_agrees(case_id, loaded):
     size = run.x.shape[-1]
     data = export_onnx(run.ours, input_size=size, model=case_id)
     session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
-    (onnx_logits,) = session.run(None, {INPUT_NAME: run.x.numpy()})  # a batch of 2: the batch axis is dynamic
+    (onnx_logits,) = session.run([OUTPUT_NAME], {INPUT_NAME: run.x.numpy()})  # a batch of 2: the batch axis is dynamic
     with torch.inference_mode():
         logits = run.ours(run.x)
     scale = logits.abs().max().item()
