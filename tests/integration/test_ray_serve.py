@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,6 +18,7 @@ import yaml
 from tests.conftest import REPO
 from tests.http.test_correctness import assert_matches, reference_probabilities
 from tests.integration.live import free_port
+from tests.integration.test_prometheus import Prometheus, require_prometheus, wait_until
 
 ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
@@ -67,7 +69,13 @@ def cluster() -> Iterator[Cluster]:
 
 
 @pytest.fixture(scope="module")
-def served(cluster: Cluster, weights: Path, onnx_cache_dir: Path) -> str:
+def targets_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where each replica keeps its Prometheus file_sd target while it runs."""
+    return tmp_path_factory.mktemp("ray-metrics-targets")
+
+
+@pytest.fixture(scope="module")
+def served(cluster: Cluster, weights: Path, onnx_cache_dir: Path, targets_dir: Path) -> str:
     port = free_port()
     serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
     options = ray_serve.ReplicaOptions(
@@ -79,6 +87,8 @@ def served(cluster: Cluster, weights: Path, onnx_cache_dir: Path) -> str:
         metrics_interval_s=0.5,
         look_back_period_s=2,
         num_cpus=REPLICA_CPUS,
+        metrics_port=0,
+        metrics_sd_dir=str(targets_dir),
         settings={
             "models": ["resnet18v1"],
             "weights_dir": str(weights),
@@ -126,6 +136,60 @@ def test_answers_match_the_reference_forward(served, weights, photos):
             assert_matches(answer, reference_probabilities(weights, "resnet18v1", "resnet18", photos[name]), 5)
         # The KServe v2 routes come through Ray's proxy too: the app is the same.
         assert client.get(f"{served}/v2/health/ready").status_code == 200
+
+
+@pytest.fixture(scope="module")
+def prometheus(served: str, targets_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]:
+    """A real Prometheus whose job `resnet-serve` (the dashboard's) finds the replicas by file_sd."""
+    binary = require_prometheus()
+    directory = tmp_path_factory.mktemp("ray-prometheus")
+    config = {
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "scrape_configs": [
+            {
+                "job_name": "resnet-serve",
+                "scrape_interval": "1s",
+                "scrape_timeout": "1s",
+                "file_sd_configs": [{"files": [str(targets_dir / "*.json")], "refresh_interval": "1s"}],
+            }
+        ],
+    }
+    (directory / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = free_port()
+    log_path = directory / "prometheus.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [
+                binary,
+                f"--config.file={directory / 'prometheus.yml'}",
+                f"--storage.tsdb.path={directory / 'data'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+                "--log.level=warn",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=directory,
+        )
+    try:
+        yield Prometheus(process, f"http://127.0.0.1:{port}", config, log_path)
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def test_replica_metrics_reach_prometheus(served, prometheus, photos):
+    served_ok = 'sum(resnet_serve_requests_total{job="resnet-serve", model="resnet18v1", code="200"})'
+    wait_until(lambda: prometheus.value('count(up{job="resnet-serve"} == 1)') == running_replicas(), 30, "scrapes")
+    before = prometheus.value(served_ok) or 0.0
+    with httpx.Client(timeout=30) as client:
+        for _ in range(3):
+            assert predict(served, photos["coffee.jpg"], client).status_code == 200
+    # Every answer counted once, by the replica that gave it: the dashboard's sums see them all.
+    wait_until(lambda: prometheus.value(served_ok) == before + 3, 30, "the 3 answers in Prometheus")
 
 
 async def closed_loop(base: str, photo: bytes, clients: int, stop: asyncio.Event) -> list[int]:
