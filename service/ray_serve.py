@@ -5,7 +5,7 @@ lifespan: the models load and warm up before the replica counts as started, and 
 engine drains what Ray's own drain left. Ray Serve's autoscaler aims at `target_ongoing_requests`
 = T, the same number as the Kubernetes manifests' (deploy/k8s/overlays/cpu/scaling-target.yaml).
 
-    serve run service.ray_serve:app                         # defaults, env RESNET_SERVE_* for the app
+    serve run service.ray_serve:app                         # defaults; the app's settings from RESNET_SERVE_*
     serve run service.ray_serve:build min_replicas=1 max_replicas=4 metrics_port=9101
 
 Metrics: each replica serves its own registry (the same names as the plain server) on
@@ -47,6 +47,11 @@ MAX_ONGOING_REQUESTS: Final = 16
 # Ray kills a replica this long after the server's own grace: the engine's drain runs inside it.
 DRAIN_MARGIN_S: Final = 5.0
 DEPLOYMENT_NAME: Final = "ResnetServe"
+# Set in the replicas' environment (runtime_env) when the app comes from `service.ray_serve:app`, which
+# takes no arguments: each replica's metrics port, and the address a file_sd target names. Not
+# RESNET_SERVE_*: those are the app's settings, which refuse names they do not know.
+METRICS_PORT_ENV: Final = "RESNET_RAY_METRICS_PORT"
+METRICS_HOST_ENV: Final = "RESNET_RAY_METRICS_HOST"
 
 
 class ReplicaOptions(BaseModel):
@@ -66,7 +71,8 @@ class ReplicaOptions(BaseModel):
     num_cpus: float = Field(default=2.0, gt=0)
     # 1 puts one replica on each GPU (and RESNET_SERVE_DEVICE should say cuda); 0 on CPU nodes.
     num_gpus: float | None = Field(default=None, ge=0)
-    # Each replica's Prometheus endpoint; None: no endpoint, 0: a free port (several replicas a node).
+    # Each replica's Prometheus endpoint; 0: a free port (several replicas a node); None: the port in
+    # RESNET_RAY_METRICS_PORT, or no endpoint without it.
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
     # A folder in which each replica keeps a Prometheus file_sd target file while it runs.
     metrics_sd_dir: str | None = None
@@ -120,8 +126,11 @@ class Replica:
     def __serve_build_asgi_app__(self) -> FastAPI:
         # Ray runs the lifespan after this returns and before the replica takes requests.
         self._app = create_app(self._settings)
-        if self._options.metrics_port is not None:
-            self._serve_metrics(self._options.metrics_port)
+        port = self._options.metrics_port
+        if port is None and os.environ.get(METRICS_PORT_ENV):
+            port = int(os.environ[METRICS_PORT_ENV])
+        if port is not None:
+            self._serve_metrics(port)
         return self._app
 
     def _engine(self) -> Engine:
@@ -160,7 +169,7 @@ def write_sd_target(directory: Path, port: int) -> Path:
     """A Prometheus file_sd file naming this replica's metrics endpoint, written atomically."""
     context = serve.get_replica_context()
     replica = context.replica_id.unique_id
-    host = os.environ.get("RESNET_SERVE_RAY_METRICS_HOST", "127.0.0.1")
+    host = os.environ.get(METRICS_HOST_ENV, "127.0.0.1")
     labels = {"replica": replica, "deployment": context.deployment}
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{replica}.json"
