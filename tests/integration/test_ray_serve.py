@@ -170,8 +170,10 @@ def prometheus(served: str, targets_dir: Path, tmp_path_factory: pytest.TempPath
             stderr=subprocess.STDOUT,
             cwd=directory,
         )
+    instance = Prometheus(process, f"http://127.0.0.1:{port}", config, log_path)
     try:
-        yield Prometheus(process, f"http://127.0.0.1:{port}", config, log_path)
+        wait_until(lambda: httpx.get(f"{instance.url}/-/ready", timeout=1).status_code == 200, 30, "prometheus ready")
+        yield instance
     finally:
         process.terminate()
         try:
