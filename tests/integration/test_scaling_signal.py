@@ -26,7 +26,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.conftest import KITTEN
+from tests.conftest import KITTEN, REPO
 from tests.integration.live import LiveServer, free_port, spawn
 from tests.integration.test_k8s_manifests import render
 from tests.integration.test_prometheus import Prometheus, require_prometheus, wait_until
@@ -314,3 +314,14 @@ def test_the_keda_query_follows_the_load_and_a_lost_pod(servers, nginx, promethe
     assert alive["metric"]["pod"] == "resnet-serve-0"
     after = query_over(prometheus, keda.query, marks["killed"] + 3, marks["after_to"])
     assert abs(statistics.fmean(after) - CLIENTS) <= CLIENTS * outside + tolerance + 1, after
+
+
+def test_install_nginx_script_is_valid_and_idempotent():
+    script = REPO / "scripts" / "install-nginx.sh"
+    assert os.access(script, os.X_OK)
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    require_nginx()
+    # Installed already: the script must change nothing and say so (no apt-get run).
+    done = subprocess.run([str(script)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "already installed" in done.stdout
