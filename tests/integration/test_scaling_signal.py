@@ -12,8 +12,6 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import shutil
-import signal
 import statistics
 import subprocess
 import time
@@ -26,6 +24,7 @@ import httpx
 import pytest
 import yaml
 
+from benchmarks.harness import nginx
 from tests.conftest import KITTEN, REPO
 from tests.integration.live import LiveServer, free_port, spawn
 from tests.integration.test_k8s_manifests import render
@@ -72,9 +71,9 @@ def keda() -> KedaTrigger:
 
 
 def require_nginx() -> str:
-    path = shutil.which("nginx") or ("/usr/sbin/nginx" if os.access("/usr/sbin/nginx", os.X_OK) else None)
+    path = nginx.find_nginx()
     if path is None:
-        message = "nginx is not installed; scripts/install-nginx.sh installs it"
+        message = f"nginx is not installed; {nginx.INSTALL_HINT}"
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
@@ -96,70 +95,14 @@ def servers(weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
             server.stop()
 
 
-def nginx_config(directory: Path, port: int, backends: list[int]) -> str:
-    """Round robin over the backends; a request whose backend fails (refused, reset, 502) goes to
-    the next one. POST is not idempotent, so nginx retries it only with `non_idempotent`: safe here,
-    as a prediction has no side effect."""
-    upstreams = "\n".join(f"        server 127.0.0.1:{p} max_fails=1 fail_timeout=30s;" for p in backends)
-    # As root, nginx would hand its workers to `nobody`, who cannot enter pytest's private folders.
-    user = "user root;" if os.geteuid() == 0 else ""
-    return f"""
-{user}
-worker_processes 1;
-daemon off;
-pid {directory}/nginx.pid;
-error_log {directory}/error.log warn;
-events {{ worker_connections 256; }}
-http {{
-    access_log off;
-    client_body_temp_path {directory}/body;
-    proxy_temp_path {directory}/proxy;
-    fastcgi_temp_path {directory}/fastcgi;
-    uwsgi_temp_path {directory}/uwsgi;
-    scgi_temp_path {directory}/scgi;
-    # Uploads stay in memory, so a retry can resend them.
-    client_max_body_size 10m;
-    client_body_buffer_size 10m;
-    upstream servers {{
-{upstreams}
-        keepalive 16;
-    }}
-    server {{
-        listen 127.0.0.1:{port};
-        location / {{
-            proxy_pass http://servers;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_next_upstream error timeout http_502 http_503 non_idempotent;
-            proxy_next_upstream_tries 2;
-            proxy_read_timeout 60s;
-        }}
-    }}
-}}
-"""
-
-
 @pytest.fixture(scope="module")
-def nginx(servers: list[LiveServer], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def proxy(servers: list[LiveServer], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """nginx round robin over both servers, retrying a failed request on the other
+    (`proxy_next_upstream ... non_idempotent`, benchmarks/harness/nginx.py)."""
     binary = require_nginx()
     directory = tmp_path_factory.mktemp("nginx")
-    port = free_port()
-    config = directory / "nginx.conf"
-    config.write_text(nginx_config(directory, port, [s.port for s in servers]))
-    check = subprocess.run([binary, "-t", "-p", str(directory), "-c", str(config)], capture_output=True, text=True)
-    assert check.returncode == 0, check.stderr
-    process = subprocess.Popen([binary, "-p", str(directory), "-c", str(config)], stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until(lambda: httpx.get(f"{url}/health/ready", timeout=2).status_code == 200, 30, "nginx not up")
+    with nginx.running(binary, directory, {free_port(): [s.port for s in servers]}) as (url,):
         yield url
-    finally:
-        process.send_signal(signal.SIGQUIT)  # nginx's graceful stop
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 @pytest.fixture(scope="module")
@@ -254,13 +197,13 @@ def query_over(prometheus: Prometheus, query: str, start: float, end: float) -> 
     return [float(value) for _, value in data["result"][0]["values"]]
 
 
-def test_the_keda_query_follows_the_load_and_a_lost_pod(servers, nginx, prometheus, keda):
+def test_the_keda_query_follows_the_load_and_a_lost_pod(servers, proxy, prometheus, keda):
     image = KITTEN.read_bytes()
     load = Load([], [])
 
     async def scenario() -> dict[str, float]:
         stop = asyncio.Event()
-        clients = asyncio.create_task(closed_loop(nginx, image, CLIENTS, stop, load))
+        clients = asyncio.create_task(closed_loop(proxy, image, CLIENTS, stop, load))
         marks: dict[str, float] = {}
         await asyncio.sleep(3)  # past the first batches: every client is in its loop
         # Wall-clock marks are for Prometheus's timestamps; the rate's duration is monotonic.
