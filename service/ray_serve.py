@@ -21,10 +21,10 @@ import json
 import logging
 import os
 import threading
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Final
 
-from fastapi import FastAPI
 from prometheus_client import start_http_server
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
@@ -119,27 +119,27 @@ class Replica:
     def __init__(self, options: ReplicaOptions) -> None:
         self._options = options
         self._settings = Settings(**options.settings)
-        self._app: FastAPI | None = None
+        self._engine: Engine | None = None
         self._metrics_server: Any = None
         self._sd_file: Path | None = None
 
-    def __serve_build_asgi_app__(self) -> FastAPI:
-        # Ray runs the lifespan after this returns and before the replica takes requests.
-        self._app = create_app(self._settings)
+    def __serve_build_asgi_app__(self) -> Callable[..., Awaitable[None]]:
+        # Ray runs the app's lifespan after this returns and before the replica takes requests.
+        app = create_app(self._settings)
+        self._engine = app.state.server
         port = self._options.metrics_port
         if port is None and os.environ.get(METRICS_PORT_ENV):
             port = int(os.environ[METRICS_PORT_ENV])
         if port is not None:
             self._serve_metrics(port)
-        return self._app
+        return app
 
-    def _engine(self) -> Engine:
-        assert self._app is not None, "the app is built before Ray calls the replica"
-        engine: Engine = self._app.state.server
-        return engine
+    def _built_engine(self) -> Engine:
+        assert self._engine is not None, "Ray builds the app before it calls the replica"
+        return self._engine
 
     def _serve_metrics(self, port: int) -> None:
-        registry = self._engine().metrics.registry
+        registry = self._built_engine().metrics.registry
         server, _ = start_http_server(port, addr="0.0.0.0", registry=registry)
         self._metrics_server = server
         bound = int(server.server_address[1])
@@ -149,7 +149,7 @@ class Replica:
 
     def check_health(self) -> None:
         """Ray restarts a replica whose check raises: a failed start or a dead engine."""
-        engine = self._engine()
+        engine = self._built_engine()
         if engine.phase is Phase.FAILED:
             raise RuntimeError(engine.failure or "the engine failed")
 
