@@ -33,7 +33,7 @@ from ray.serve.deployment import Deployment
 
 from service.api.app import create_app
 from service.config import Settings
-from service.engine.engine import Engine, Phase
+from service.engine import Engine, Phase
 
 logger = logging.getLogger(__name__)
 
