@@ -275,3 +275,15 @@ def test_target_matches_the_manifests():
     assert deployment["autoscaling_config"]["target_ongoing_requests"] == ray_serve.TARGET_ONGOING_REQUESTS
     options = ray_serve.deployment_options(ray_serve.ReplicaOptions())
     assert options["graceful_shutdown_timeout_s"] == deployment["graceful_shutdown_timeout_s"]
+
+
+def test_options_follow_the_settings():
+    """The kill waits for the server's own grace; a CUDA device asks Ray for one GPU a replica."""
+    cpu = ray_serve.deployment_options(ray_serve.ReplicaOptions(settings={"shutdown_grace_s": 12}))
+    assert cpu["graceful_shutdown_timeout_s"] == 12 + ray_serve.DRAIN_MARGIN_S
+    assert cpu["ray_actor_options"]["num_gpus"] == 0
+    assert cpu["autoscaling_config"]["target_ongoing_requests"] == ray_serve.TARGET_ONGOING_REQUESTS
+    gpu = ray_serve.deployment_options(ray_serve.ReplicaOptions(settings={"device": "cuda"}))
+    assert gpu["ray_actor_options"]["num_gpus"] == 1
+    with pytest.raises(ValueError, match="max_replicas"):
+        ray_serve.deployment_options(ray_serve.ReplicaOptions(min_replicas=3, max_replicas=2))
