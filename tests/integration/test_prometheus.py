@@ -8,6 +8,7 @@ expression must run in Prometheus against what it scraped.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -131,11 +132,10 @@ def prometheus_config_for(server_port: int) -> dict[str, Any]:
     return config
 
 
-@pytest.fixture(scope="module")
-def prometheus(server: LiveServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]:
+@contextlib.contextmanager
+def running_prometheus(directory: Path, config: dict[str, Any]) -> Iterator[Prometheus]:
+    """A real Prometheus on loopback with `config`, ready to query; stopped on the way out."""
     binary = require_prometheus()
-    directory = tmp_path_factory.mktemp("prometheus")
-    config = prometheus_config_for(server.port)
     config_path = directory / "prometheus.yml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     port = free_port()
@@ -162,7 +162,6 @@ def prometheus(server: LiveServer, tmp_path_factory: pytest.TempPathFactory) -> 
             return httpx.get(f"{instance.url}/-/ready", timeout=1).status_code == 200
 
         wait_until(ready, 30, "prometheus not ready")
-        wait_until(lambda: instance.value('up{job="resnet-serve"}') == 1, 30, "resnet-serve never scraped up")
         yield instance
     finally:
         if process.poll() is None:
@@ -172,6 +171,13 @@ def prometheus(server: LiveServer, tmp_path_factory: pytest.TempPathFactory) -> 
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+@pytest.fixture(scope="module")
+def prometheus(server: LiveServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]:
+    with running_prometheus(tmp_path_factory.mktemp("prometheus"), prometheus_config_for(server.port)) as instance:
+        wait_until(lambda: instance.value('up{job="resnet-serve"}') == 1, 30, "resnet-serve never scraped up")
+        yield instance
 
 
 # ---- traffic --------------------------------------------------------------------------------------

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,7 +17,7 @@ import yaml
 from tests.conftest import REPO
 from tests.http.test_correctness import assert_matches, reference_probabilities
 from tests.integration.live import free_port
-from tests.integration.test_prometheus import Prometheus, require_prometheus, wait_until
+from tests.integration.test_prometheus import Prometheus, running_prometheus, wait_until
 
 ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
@@ -141,7 +140,6 @@ def test_answers_match_the_reference_forward(served, weights, photos):
 @pytest.fixture(scope="module")
 def prometheus(served: str, targets_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]:
     """A real Prometheus whose job `resnet-serve` (the dashboard's) finds the replicas by file_sd."""
-    binary = require_prometheus()
     directory = tmp_path_factory.mktemp("ray-prometheus")
     config = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
@@ -154,33 +152,8 @@ def prometheus(served: str, targets_dir: Path, tmp_path_factory: pytest.TempPath
             }
         ],
     }
-    (directory / "prometheus.yml").write_text(yaml.safe_dump(config))
-    port = free_port()
-    log_path = directory / "prometheus.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [
-                binary,
-                f"--config.file={directory / 'prometheus.yml'}",
-                f"--storage.tsdb.path={directory / 'data'}",
-                f"--web.listen-address=127.0.0.1:{port}",
-                "--log.level=warn",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=directory,
-        )
-    instance = Prometheus(process, f"http://127.0.0.1:{port}", config, log_path)
-    try:
-        wait_until(lambda: httpx.get(f"{instance.url}/-/ready", timeout=1).status_code == 200, 30, "prometheus ready")
+    with running_prometheus(directory, config) as instance:
         yield instance
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def test_replica_metrics_reach_prometheus(served, prometheus, photos):

@@ -22,13 +22,12 @@ from typing import Any
 
 import httpx
 import pytest
-import yaml
 
 from benchmarks.harness import nginx
 from tests.conftest import KITTEN, REPO
 from tests.integration.live import LiveServer, free_port, spawn
 from tests.integration.test_k8s_manifests import render
-from tests.integration.test_prometheus import Prometheus, require_prometheus, wait_until
+from tests.integration.test_prometheus import Prometheus, running_prometheus, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -109,7 +108,6 @@ def proxy(servers: list[LiveServer], tmp_path_factory: pytest.TempPathFactory) -
 def prometheus(
     servers: list[LiveServer], keda: KedaTrigger, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Prometheus]:
-    binary = require_prometheus()
     directory = tmp_path_factory.mktemp("signal-prometheus")
     pod_labels = {key.replace(".", "_").replace("/", "_"): value for key, value in keda.pod_labels.items()}
     targets = [
@@ -125,34 +123,9 @@ def prometheus(
             {"job_name": "resnet-serve", "scrape_interval": "1s", "scrape_timeout": "1s", "static_configs": targets}
         ],
     }
-    (directory / "prometheus.yml").write_text(yaml.safe_dump(config))
-    port = free_port()
-    log_path = directory / "prometheus.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [
-                binary,
-                f"--config.file={directory / 'prometheus.yml'}",
-                f"--storage.tsdb.path={directory / 'data'}",
-                f"--web.listen-address=127.0.0.1:{port}",
-                "--log.level=warn",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=directory,
-        )
-    instance = Prometheus(process, f"http://127.0.0.1:{port}", config, log_path)
-    try:
-        wait_until(lambda: httpx.get(f"{instance.url}/-/ready", timeout=1).status_code == 200, 30, "prometheus ready")
+    with running_prometheus(directory, config) as instance:
         wait_until(lambda: instance.value('count(up{job="resnet-serve"} == 1)') == 2, 30, "both servers scraped")
         yield instance
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 @dataclass
