@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
 import shutil
 import sys
@@ -28,7 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from benchmarks.harness import nginx
-from benchmarks.harness.compare import compare, format_comparison
+from benchmarks.harness.compare import compare, report
 from benchmarks.harness.http import Target
 from benchmarks.harness.load import parse_levels
 from benchmarks.harness.machine import describe
@@ -81,11 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 duration_s=args.duration, warmup_s=args.warmup, model=MODEL,
             )
         )  # fmt: skip
-    print()
-    print(format_comparison(rows))
-    if args.json:
-        summaries = [[{**m.result.summary(), "other_cores": m.other_cores} for m in row] for row in rows]
-        Path(args.json).write_text(json.dumps({"machine": machine, "levels": summaries}, indent=2, default=str))
+    report(rows, machine, args.json)
     shutil.rmtree(work, ignore_errors=True)
     return 0
 

@@ -4,9 +4,12 @@ figure measured beside someone else's work says so."""
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from benchmarks.harness.http import Target
 from benchmarks.harness.load import LoadResult, run_level
@@ -78,3 +81,12 @@ def format_comparison(rows: Sequence[Sequence[Measured]]) -> str:
             )
     lines.append("other = busy cores taken by processes outside this benchmark during the level")
     return "\n".join(lines)
+
+
+def report(rows: Sequence[Sequence[Measured]], machine: Any, json_path: str | None) -> None:
+    """Print the comparison table; with `json_path`, also write every level's summary there."""
+    print()
+    print(format_comparison(rows))
+    if json_path:
+        summaries = [[{**m.result.summary(), "other_cores": m.other_cores} for m in row] for row in rows]
+        Path(json_path).write_text(json.dumps({"machine": machine, "levels": summaries}, indent=2, default=str))
