@@ -36,11 +36,14 @@ ModelRequest = ModelSpec | FileModel
 
 
 def parse_models(entries: tuple[str, ...]) -> list[ModelRequest]:
-    """The models `--models` asks for, in order, each once; one line per mistake."""
+    """The models `--models` asks for, in order, each once; one line per mistake. A catalog model
+    named twice (or by an alias too) loads once, as before files could be named."""
     requests: list[ModelRequest] = []
     names: set[str] = set()
     for entry in entries:
         request = _parse_one(entry)
+        if request in requests and isinstance(request, ModelSpec):
+            continue  # `resnet18,resnet18v1`: one catalog model asked for twice is loaded once
         if request.name in names:
             raise StartupError(f"--models names {request.name!r} twice; give each model one name")
         names.add(request.name)

@@ -70,7 +70,7 @@ def _serve_with_a_hung_forward(weights_dir: Path, port: int, grace_s: float) -> 
 
     server.HUNG_EXIT_MARGIN_S = HUNG_EXIT_MARGIN_S
 
-    def never_returns(_images: torch.Tensor) -> torch.Tensor:
+    def never_returns(_images: torch.Tensor) -> Any:
         _say("forward entered")
         threading.Event().wait()
         raise AssertionError("unreachable")
@@ -78,7 +78,7 @@ def _serve_with_a_hung_forward(weights_dir: Path, port: int, grace_s: float) -> 
     def load(plan: ServerPlan, device: torch.device) -> dict[str, LoadedModel]:
         loaded = load_all(plan, device)  # warmed up with the real forward
         for model in loaded.values():
-            model.runner.runtime.probabilities = never_returns  # type: ignore[method-assign]
+            model.runner.runtime.outputs = never_returns  # type: ignore[method-assign]
         return loaded
 
     settings = Settings(weights_dir=weights_dir, port=port, device="cpu", shutdown_grace_s=grace_s, max_delay_ms=0)

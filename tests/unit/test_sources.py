@@ -47,6 +47,7 @@ def test_each_mistake_is_one_line_naming_it(entry, says):
     assert says in str(raised.value) and "\n" not in str(raised.value)
 
 
-def test_a_name_given_twice_is_refused():
+def test_a_name_given_twice_is_refused_but_a_catalog_model_twice_loads_once():
     with pytest.raises(StartupError, match="names 'mine' twice"):
         parse_models(("mine=/w/a.pth", "mine=/w/b.onnx"))
+    assert parse_models(("resnet18", "resnet18v1", "resnet50v1")) == [CATALOG["resnet18v1"], CATALOG["resnet50v1"]]
