@@ -26,6 +26,9 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+SETTLE_S = 2.5  # longer than the server's idle trim (a second after the last forward)
+
+
 def test_overload_is_refused_fast_and_accepted_work_completes(weights, tmp_path, photos):
     image = photos["kitten_small.jpg"]
     args = ("--max-batch-size", "8", "--max-queue-size", "16", "--request-timeout-s", "10")
@@ -35,11 +38,15 @@ def test_overload_is_refused_fast_and_accepted_work_completes(weights, tmp_path,
         # Warm up with a short burst of the same shape, so allocator pools and pool threads exist
         # before the RSS baseline is read.
         warm_up = asyncio.run(open_loop(server.port, request, rate=300, duration_s=3))
+        # RSS at rest: the server trims its heap a second after its last forward, so a reading taken
+        # mid-burst would count free pages it is about to give back (tens of MiB either way).
+        time.sleep(SETTLE_S)
         rss_before = server.rss_bytes()
         results = asyncio.run(open_loop(server.port, request, rate=300, duration_s=8))
         ready_after = httpx.get(f"{server.url}/ping", timeout=2).status_code
         images_computed = server.metric("resnet_serve_images_total", model="resnet18v1")
         expired = server.metric("resnet_serve_rejected_total", model="resnet18v1", reason="deadline")
+        time.sleep(SETTLE_S)
         rss_after = server.rss_bytes()
     by_status: dict[int, list[float]] = {}
     for status, seconds in results:
