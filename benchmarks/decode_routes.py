@@ -27,11 +27,13 @@ import torch
 import torchvision
 import torchvision.transforms.functional as F
 from PIL import Image
+from torchvision.transforms import InterpolationMode
 
 from benchmarks.photos import Photo, load_photos
 from service.imaging import Preprocessing, decode, preprocess
 
 SPEC = Preprocessing()
+MODE = InterpolationMode(SPEC.interpolation.value)  # torchvision's name for the same filter
 MAX_PIXELS = 50_000_000
 Route = Callable[[bytes], torch.Tensor]
 
@@ -47,7 +49,7 @@ def pil_draft(data: bytes) -> torch.Tensor:
     scale = short / SPEC.resize_size
     image.draft("RGB", (int(image.width / scale) + 1, int(image.height / scale) + 1))
     image = image.convert("RGB")
-    resized = F.resize(image, [SPEC.resize_size], interpolation=SPEC.interpolation, antialias=True)
+    resized = F.resize(image, [SPEC.resize_size], interpolation=MODE, antialias=True)
     tensor: torch.Tensor = F.pil_to_tensor(F.center_crop(resized, [SPEC.crop_size]))
     return tensor
 
@@ -70,7 +72,7 @@ def pil_box(data: bytes) -> torch.Tensor:
 
 def tv_decode(data: bytes) -> torch.Tensor:
     decoded = torchvision.io.decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8))
-    resized = F.resize(decoded, [SPEC.resize_size], interpolation=SPEC.interpolation, antialias=True)
+    resized = F.resize(decoded, [SPEC.resize_size], interpolation=MODE, antialias=True)
     tensor: torch.Tensor = F.center_crop(resized, [SPEC.crop_size])
     return tensor
 

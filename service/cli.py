@@ -186,7 +186,8 @@ def _weights_random(args: WeightsRandom) -> int:
 
 
 def _weights_fetch(args: WeightsFetch) -> int:
-    from service.models.weights import OFFICIAL_BASE_URL, fetch_official
+    from service.models.catalog import OFFICIAL_BASE_URL
+    from service.models.weights import fetch_official
 
     specs = _specs_or_exit(args.names)
     if specs is None:

@@ -1,8 +1,10 @@
 """Bytes in, a uint8 CHW tensor out: decode (EXIF-aware, any mode to RGB, pixel caps), resize, crop.
 
-Pure functions, run in a thread pool by the edge. The resize and crop are torchvision's own functions
-on the PIL image, the same calls its weights transforms make, so the server's input to the model is
-bit-identical to the reference pipeline's; normalisation happens on the device (see the runner).
+Pure functions, run in a thread pool by the edge. The resize and crop are the Pillow calls that
+torchvision's weights transforms make on a PIL image, with the same sizes and crop box, so the
+server's input to the model is bit-identical to the reference pipeline's (tests/unit/test_imaging.py
+holds them to torchvision); normalisation happens on the device (see the runner). torchvision itself
+is not imported: its `ops` pull in torch._dynamo, about 165 MiB of RSS that serving never uses.
 """
 
 from __future__ import annotations
@@ -15,9 +17,7 @@ from enum import StrEnum
 
 import numpy as np
 import torch
-import torchvision.transforms.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
-from torchvision.transforms import InterpolationMode
 
 from service.errors import InvalidInput, UnsupportedMediaType
 from service.opencv_resize import implementation as opencv_implementation
@@ -35,6 +35,21 @@ Image.MAX_IMAGE_PIXELS = None
 warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
 
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+
+
+class Interpolation(StrEnum):
+    """A resize filter, by the names (and values) of torchvision's `InterpolationMode`."""
+
+    NEAREST = "nearest"
+    BILINEAR = "bilinear"
+    BICUBIC = "bicubic"
+    BOX = "box"
+    HAMMING = "hamming"
+    LANCZOS = "lanczos"
+
+    @property
+    def pil(self) -> Image.Resampling:
+        return Image.Resampling[self.name]
 
 
 class ResizeBackend(StrEnum):
@@ -55,12 +70,16 @@ class Preprocessing:
 
     resize_size: int = 256
     crop_size: int = 224
-    interpolation: InterpolationMode = InterpolationMode.BILINEAR
+    interpolation: Interpolation = Interpolation.BILINEAR
     antialias: bool = True
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     backend: ResizeBackend = ResizeBackend.PIL
     mode: ResizeMode = ResizeMode.SHORT_EDGE
+
+    def __post_init__(self) -> None:
+        if self.mode is not ResizeMode.NONE and self.resize_size < self.crop_size:
+            raise ValueError(f"resize_size {self.resize_size} is smaller than crop_size {self.crop_size}")
 
     @property
     def is_torchvision_like(self) -> bool:
@@ -75,7 +94,7 @@ class Preprocessing:
         else:
             resize = f"resize the short edge to {self.resize_size}"
         backend = opencv_implementation() if self.backend is ResizeBackend.OPENCV else "Pillow"
-        method = f"{backend}, {self.interpolation.value}" + ("" if self.antialias else ", no antialias")
+        method = f"{backend}, {self.interpolation}" + ("" if self.antialias else ", no antialias")
         mean = ", ".join(f"{m * 255:g}" for m in self.mean)
         std = ", ".join(f"{s * 255:g}" for s in self.std)
         return f"{resize} ({method}), centre crop {self.crop_size}, mean [{mean}], std [{std}] (0-255)"
@@ -163,15 +182,28 @@ def to_model_input(image: Image.Image, spec: Preprocessing, *, max_pixels: int) 
     """Resize the shorter side, center-crop, and return a uint8 tensor of shape (3, crop, crop)."""
     _check_resizable(image.width, image.height, spec, max_pixels)
     size = _resized_size(image.width, image.height, spec)
-    if size is None:
-        cropped = F.center_crop(image, [spec.crop_size])
-    elif spec.backend is ResizeBackend.OPENCV:
-        cropped = F.center_crop(opencv_bilinear(F.pil_to_tensor(image), size), [spec.crop_size])
-    else:
-        resized = F.resize(image, list(size), interpolation=spec.interpolation, antialias=spec.antialias)
-        cropped = F.center_crop(resized, [spec.crop_size])
-    tensor: torch.Tensor = cropped if isinstance(cropped, torch.Tensor) else F.pil_to_tensor(cropped)
-    return tensor
+    if spec.backend is ResizeBackend.OPENCV and size is not None:
+        resized = opencv_bilinear(pil_to_tensor(image), size)
+        top, left = _crop_origin(resized.shape[1], resized.shape[2], spec.crop_size)
+        return resized[:, top : top + spec.crop_size, left : left + spec.crop_size]
+    if size is not None and size != (image.height, image.width):
+        # Pillow always antialiases; torchvision's `antialias` flag applies to tensors only.
+        image = image.resize((size[1], size[0]), spec.interpolation.pil)
+    top, left = _crop_origin(image.height, image.width, spec.crop_size)
+    return pil_to_tensor(image.crop((left, top, left + spec.crop_size, top + spec.crop_size)))
+
+
+def pil_to_tensor(image: Image.Image) -> torch.Tensor:
+    """(3, H, W) uint8, a view of a copy of the pixels: torchvision's `pil_to_tensor` for RGB."""
+    return torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).permute(2, 0, 1)
+
+
+def _crop_origin(height: int, width: int, crop: int) -> tuple[int, int]:
+    """Top and left of the centred crop, rounded as torchvision's `center_crop` rounds them."""
+    if crop > height or crop > width:
+        # Every resize mode leaves the short side at least at the crop (Preprocessing checks it).
+        raise InvalidInput(f"the image is {width}x{height} after resizing, smaller than the {crop} px crop")
+    return round((height - crop) / 2.0), round((width - crop) / 2.0)
 
 
 def _resized_size(width: int, height: int, spec: Preprocessing) -> tuple[int, int] | None:

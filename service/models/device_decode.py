@@ -21,6 +21,7 @@ import torch
 import torchvision.transforms.v2.functional as F
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.transforms import InterpolationMode
 
 from service.errors import InsufficientStorage
 from service.imaging import EncodedJpeg, Preprocessing
@@ -158,6 +159,7 @@ def _decode_alone(item: EncodedJpeg, device: torch.device) -> torch.Tensor | Non
 
 
 def _resize_and_crop(image: torch.Tensor, spec: Preprocessing) -> torch.Tensor:
-    resized = F.resize(image, [spec.resize_size], interpolation=spec.interpolation, antialias=spec.antialias)
+    interpolation = InterpolationMode(spec.interpolation.value)
+    resized = F.resize(image, [spec.resize_size], interpolation=interpolation, antialias=spec.antialias)
     cropped: torch.Tensor = F.center_crop(resized, [spec.crop_size])
     return cropped

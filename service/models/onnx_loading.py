@@ -1,7 +1,9 @@
 """A model on ONNX Runtime: its exported (or cached) file, optionally quantised, in a session.
 
-The torch module is built only when no cached file matches the weights, and is dropped once exported:
-the session holds the only resident copy of the weights.
+The torch module is built only when no cached file matches the weights: the session holds the only
+resident copy of the weights. A catalog model is exported in a child process (child_process.py), so
+the server never imports torchvision or the exporter, even on a first start with an empty cache,
+which is every start of a pod whose cache is an emptyDir.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from torch import nn
 
 from service.config import Quantization, ServerPlan
 from service.imaging import Preprocessing
+from service.models.child_process import run_in_child
 from service.models.onnx_export import ExportCache, ExportKey, export_onnx
 from service.models.onnx_runtime import OnnxRuntime, import_onnxruntime
 
@@ -36,19 +39,22 @@ def onnx_runtime(
     *,
     given_file: tuple[str, FileMaker] | None = None,
     multi_label: bool = False,
+    export_in_child: bool = False,
 ) -> OnnxRuntime:
-    """`name`'s session on `device`. Its file is exported from `build_module()`, or with
-    `given_file` = (what made it, maker) derived from an ONNX file the user gave; either is called
-    only when the cache holds no file for these weights."""
+    """`name`'s session on `device`. Its file is exported from `build_module()` (in a spawned child
+    with `export_in_child`: `build_module` must then pickle), or with `given_file` = (what made it,
+    maker) derived from an ONNX file the user gave; either is called only when the cache holds no
+    file for these weights."""
     ort = import_onnxruntime(name)
     cache = ExportCache(plan.onnx_cache_dir)
     key = ExportKey(name, weights_sha256, runtime=f"onnxruntime {ort.__version__}")
 
     def export() -> tuple[bytes, int]:
         assert build_module is not None
-        module = build_module()
         logger.info("%s: exporting to ONNX (opset %d), once for these weights", name, key.opset)
-        return export_onnx(module, input_size=preprocessing.crop_size, model=name), _parameters(module)
+        if export_in_child:
+            return run_in_child(_export, build_module, preprocessing.crop_size, name)
+        return _export(build_module, preprocessing.crop_size, name)
 
     if given_file is not None:
         maker_name, maker = given_file
@@ -83,5 +89,7 @@ def onnx_runtime(
     )
 
 
-def _parameters(module: nn.Module) -> int:
-    return sum(parameter.numel() for parameter in module.parameters())
+def _export(build_module: Callable[[], nn.Module], input_size: int, name: str) -> tuple[bytes, int]:
+    module = build_module()
+    parameters = sum(parameter.numel() for parameter in module.parameters())
+    return export_onnx(module, input_size=input_size, model=name), parameters

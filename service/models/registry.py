@@ -23,6 +23,7 @@ from service.errors import StartupError
 from service.imaging import EncodedJpeg, Preprocessing, inspect_jpeg
 from service.models.building import make_runner, torch_runtime
 from service.models.catalog import ModelSpec
+from service.models.child_process import run_in_child
 from service.models.families.file_models import load_file_model, user_file
 from service.models.labels import find_labels
 from service.models.loaded import LoadedModel, ModelCard
@@ -99,7 +100,8 @@ def obtain_weights(spec: ModelSpec, settings: WeightsSettings) -> WeightsFile:
                 raise StartupError(f"could not fetch the weights of {spec.name}: {exc}") from None
             logger.warning("could not fetch the official weights of %s (%s)", spec.name, exc)
     if policy in (MissingWeightsPolicy.RANDOM, MissingWeightsPolicy.FETCH_OR_RANDOM):
-        path = write_random(spec, settings.random_seed, settings.weights_dir)
+        # In a child: building the model imports torchvision, which the server may never need again.
+        path = run_in_child(write_random, spec, settings.random_seed, settings.weights_dir)
         return classify(spec, path)
     looked_for = ", ".join(candidate_names(spec))
     raise StartupError(
@@ -123,7 +125,7 @@ def load_model(
     if settings.runtime is RuntimeChoice.ONNXRUNTIME:
         sha256 = expected_sha256 or verify(weights)
         build = functools.partial(_torch_module, spec, weights, sha256)
-        runtime = onnx_runtime(spec.name, sha256, build, settings, device, preprocessing)
+        runtime = onnx_runtime(spec.name, sha256, build, settings, device, preprocessing, export_in_child=True)
     else:
         checkpoint = load_checkpoint(weights, expected_sha256=expected_sha256)
         module = instantiate(spec, checkpoint.state_dict, weights.path)

@@ -19,15 +19,24 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from service.errors import InvalidInput, ServeError
+from service.errors import InsufficientStorage, InvalidInput, ServeError
 from service.imaging import EncodedJpeg, ModelInput, Preprocessing
-from service.models.device_decode import decode_batch
 from service.models.runtimes import Runtime
 from service.models.torch_runtime import DTYPES, TorchRuntime
 
 __all__ = ["DTYPES", "ExecutionPlan", "ImageResult", "ModelRunner", "Output", "Result", "StagedBatch", "pick_device"]
 
 logger = logging.getLogger(__name__)
+
+
+def decode_batch(
+    encoded: Sequence[EncodedJpeg], spec: Preprocessing, device: torch.device
+) -> list[torch.Tensor | InsufficientStorage | None]:
+    """The device decoder, imported on first use: it needs torchvision, which costs about 165 MiB
+    of RSS (its ops import torch._dynamo), and only `--decode-on-device` ever calls it."""
+    from service.models.device_decode import decode_batch as decode_on_device
+
+    return decode_on_device(encoded, spec, device)
 
 
 def pick_device(requested: str) -> torch.device:

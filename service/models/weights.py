@@ -24,11 +24,10 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from service.errors import StartupError
-from service.models.catalog import ModelSpec, OfficialWeights
+from service.models.catalog import OFFICIAL_BASE_URL, ModelSpec, OfficialWeights
 
 logger = logging.getLogger(__name__)
 
-OFFICIAL_BASE_URL = "https://download.pytorch.org/models/"
 _CHUNK = 1 << 20
 
 

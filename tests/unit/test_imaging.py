@@ -7,12 +7,14 @@ import io
 import numpy as np
 import pytest
 import torch
+import torchvision.transforms.functional as F
 from PIL import Image, ImageOps
-from torchvision.models import ResNet18_Weights, ResNet50_Weights
+from torchvision.models import ResNet18_Weights, ResNet50_Weights, WeightsEnum
+from torchvision.transforms import InterpolationMode
 
 from service.errors import InvalidInput, UnsupportedMediaType
-from service.imaging import Preprocessing, decode, preprocess
-from service.models.catalog import preprocessing_of
+from service.imaging import Interpolation, Preprocessing, ResizeMode, decode, preprocess, to_model_input
+from service.models.catalog import CATALOG
 
 PIXELS = 50_000_000
 
@@ -23,6 +25,14 @@ def normalised(image: torch.Tensor, spec: Preprocessing) -> torch.Tensor:
     mean = torch.tensor(spec.mean).view(3, 1, 1)
     std = torch.tensor(spec.std).view(3, 1, 1)
     return (x - mean) / std
+
+
+def preprocessing_of(weights: WeightsEnum) -> Preprocessing:
+    official = CATALOG[weights.url.rsplit("/", 1)[1].split("-")[0] + "v1"].official_by_filename(
+        weights.url.rsplit("/", 1)[1]
+    )
+    assert official is not None
+    return official.preprocessing
 
 
 @pytest.mark.parametrize("weights", [ResNet18_Weights.IMAGENET1K_V1, ResNet50_Weights.IMAGENET1K_V2])
@@ -40,6 +50,34 @@ def test_matches_torchvisions_own_transform_on_real_photos(photos, weights):
 def test_v2_weights_resize_to_232_and_v1_to_256():
     assert preprocessing_of(ResNet50_Weights.IMAGENET1K_V2).resize_size == 232
     assert preprocessing_of(ResNet50_Weights.IMAGENET1K_V1).resize_size == 256
+
+
+@pytest.mark.parametrize("interpolation", list(Interpolation))
+@pytest.mark.parametrize("size", [(224, 224), (256, 256), (257, 331), (640, 239), (1001, 1000), (300, 4000)])
+def test_resize_and_crop_are_torchvisions_pil_calls_bit_for_bit(interpolation, size):
+    """torchvision is not imported by the server (see service/imaging.py): its resize and centre crop
+    on a PIL image, odd sizes, exact sizes and every filter, held to torchvision's own functions."""
+    generator = np.random.default_rng(size[0] * 7919 + size[1])
+    image = Image.fromarray(generator.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    for spec in (
+        Preprocessing(interpolation=interpolation),
+        Preprocessing(resize_size=232, interpolation=interpolation),
+        Preprocessing(resize_size=255, crop_size=227, interpolation=interpolation),
+    ):
+        mode = InterpolationMode(interpolation.value)
+        expected = F.pil_to_tensor(
+            F.center_crop(F.resize(image, [spec.resize_size], interpolation=mode), [spec.crop_size])
+        )
+        assert torch.equal(to_model_input(image, spec, max_pixels=PIXELS), expected), spec
+    square = Preprocessing(resize_size=600, crop_size=448, mode=ResizeMode.SQUARE, interpolation=interpolation)
+    mode = InterpolationMode(interpolation.value)
+    expected = F.pil_to_tensor(F.center_crop(F.resize(image, [600, 600], interpolation=mode), [448]))
+    assert torch.equal(to_model_input(image, square, max_pixels=PIXELS), expected)
+
+
+def test_a_resize_smaller_than_the_crop_is_refused_when_defined():
+    with pytest.raises(ValueError, match="resize_size 200 is smaller than crop_size 224"):
+        Preprocessing(resize_size=200)
 
 
 @pytest.mark.parametrize("mode", ["L", "LA", "P", "RGBA", "CMYK", "I;16", "I", "1"])

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import gc
 import json
+import logging
 import os
+import subprocess
 import sys
 import tempfile
 import threading
-import weakref
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from service import cores
 from service.config import Settings
 from service.errors import StartupError
 from service.imaging import Preprocessing, preprocess
-from service.models import onnx_loading, registry
+from service.models import onnx_loading
 from service.models.catalog import CATALOG
 from service.models.onnx_export import ExportCache, ExportKey, export_onnx
 from service.models.onnx_runtime import OnnxRuntime
@@ -100,32 +100,66 @@ def test_onnxruntime_agrees_with_torch_at_every_batch_size(peaked_weights, tmp_p
     assert onnx_model.num_parameters == torch_model.num_parameters == 11_689_512
 
 
-def test_the_export_is_cached_and_a_restart_loads_it_without_building_the_torch_model(
-    peaked_weights, tmp_path, monkeypatch
-):
-    built: list[weakref.ref[torch.nn.Module]] = []
-    real_module = registry._torch_module
-
-    def counting_module(*args: Any) -> torch.nn.Module:
-        module = real_module(*args)
-        built.append(weakref.ref(module))
-        return module
-
-    monkeypatch.setattr(registry, "_torch_module", counting_module)
-    first = load_model(SPEC, peaked_weights, plan(tmp_path), CPU)
-    gc.collect()
-    assert len(built) == 1
-    assert built[0]() is None  # exported, then dropped: the session holds the only copy of the weights
+def test_the_export_is_cached_and_a_restart_loads_it_without_exporting_again(peaked_weights, tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="service.models"):
+        first = load_model(SPEC, peaked_weights, plan(tmp_path), CPU)
+    assert caplog.text.count("exporting to ONNX") == 1
     info = first.runner.runtime.info
     assert info.file is not None and info.file.parent == tmp_path / "cache"
     assert peaked_weights.path.name not in info.file.name and sha256_of(peaked_weights.path)[:16] in info.file.name
     assert sha256_of(info.file) == info.file_sha256
 
-    second = load_model(SPEC, peaked_weights, plan(tmp_path), CPU)
-    assert len(built) == 1  # no second export
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="service.models"):
+        second = load_model(SPEC, peaked_weights, plan(tmp_path), CPU)
+    assert "exporting to ONNX" not in caplog.text and "loading the cached" in caplog.text
     assert second.runner.runtime.info.file == info.file
     image = list(photo_batch(1))
     assert torch.equal(first.runner.predict(image)[0], second.runner.predict(image)[0])  # type: ignore[arg-type]
+
+
+_LOAD_AND_LIST_IMPORTS = """
+import logging
+import sys
+from pathlib import Path
+
+import psutil
+import torch
+
+from service.config import Settings
+from service.models.catalog import CATALOG
+from service.models.registry import load_model
+from service.models.weights import classify
+
+logging.basicConfig(level=logging.INFO)
+spec, root, cache = CATALOG["resnet18v1"], Path(sys.argv[1]), Path(sys.argv[2])
+settings = Settings(weights_dir=root, device="cpu", runtime="onnxruntime", onnx_cache_dir=cache)
+weights = classify(spec, root / "resnet18v1.safetensors")
+model = load_model(spec, weights, settings.resolve(on_gpu=False), torch.device("cpu"))
+model.runner.warm_up([1, 2])
+print(sorted({name.split(".")[0] for name in sys.modules} & {"torchvision", "sympy", "onnxscript"}))
+# The exporting child has exited; multiprocessing's resource tracker (spawned with it) may stay.
+children = [" ".join(child.cmdline()) for child in psutil.Process().children()]
+print("torch._dynamo" in sys.modules, sum("resource_tracker" not in child for child in children))
+"""
+
+
+@pytest.mark.parametrize("cache", ["empty", "filled"])
+def test_the_server_process_never_imports_torchvision_on_onnxruntime(peaked_weights, tmp_path, cache):
+    """The export runs in a spawned child and the rest of the path needs no torchvision: importing it
+    costs ~165 MiB of RSS for good (its ops import torch._dynamo and sympy), which the server on
+    ONNX Runtime would otherwise hold on every start with an empty cache (a pod's emptyDir)."""
+    if cache == "filled":
+        load_model(SPEC, peaked_weights, plan(tmp_path), CPU)
+    arguments = [str(peaked_weights.path.parent), str(tmp_path / "cache")]
+    done = subprocess.run(
+        [sys.executable, "-c", _LOAD_AND_LIST_IMPORTS, *arguments], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    imported, dynamo_and_children = done.stdout.strip().splitlines()[-2:]
+    assert imported == "[]" and dynamo_and_children == "False 0"
+    assert ("exporting to ONNX" in done.stderr) is (cache == "empty")
+    assert list((tmp_path / "cache").glob("*.onnx"))
 
 
 def test_a_damaged_cached_file_is_exported_again(peaked_weights, tmp_path, caplog):

@@ -11,10 +11,8 @@ import re
 from dataclasses import dataclass
 from enum import StrEnum
 
-from torchvision.transforms import InterpolationMode
-
 from service.errors import StartupError
-from service.imaging import Preprocessing, ResizeBackend, ResizeMode
+from service.imaging import Interpolation, Preprocessing, ResizeBackend, ResizeMode
 
 # mmpretrain's data_preprocessor constants are on the 0-255 scale; Preprocessing's are on 0-1.
 _IMAGENET_MEAN_255 = (123.675, 116.28, 103.53)
@@ -46,7 +44,7 @@ _TORCHVISION = Preprocessing()
 _MMPRETRAIN_IN1K = Preprocessing(
     resize_size=256,
     crop_size=224,
-    interpolation=InterpolationMode.BILINEAR,
+    interpolation=Interpolation.BILINEAR,
     antialias=False,
     mean=_unit(_IMAGENET_MEAN_255),
     std=_unit(_IMAGENET_STD_255),
@@ -55,7 +53,7 @@ _MMPRETRAIN_IN1K = Preprocessing(
 _RSB = Preprocessing(
     resize_size=236,
     crop_size=224,
-    interpolation=InterpolationMode.BICUBIC,
+    interpolation=Interpolation.BICUBIC,
     antialias=True,
     mean=_unit(_IMAGENET_MEAN_255),
     std=_unit(_IMAGENET_STD_255),
@@ -109,7 +107,7 @@ PRESETS: dict[str, Preset] = {
                 _MMPRETRAIN_IN1K,
                 backend=ResizeBackend.PIL,
                 antialias=True,
-                interpolation=InterpolationMode.BICUBIC,
+                interpolation=Interpolation.BICUBIC,
             ),
             LabelSet.IMAGENET,
         ),
