@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from typing import NamedTuple
 
 from torch import nn
@@ -98,7 +99,7 @@ class ModelSpec:
         builder: Callable[..., nn.Module] = get_model_builder(self.arch)
         return builder
 
-    @property
+    @cached_property
     def official_weights(self) -> tuple[OfficialWeights, ...]:
         entries = _OFFICIAL[self.arch]
         return tuple(
